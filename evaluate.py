@@ -1,0 +1,193 @@
+"""Evaluate an agent: success rate (95% interval), steps, return, invalid actions, response tokens, and the
+simulation score: how well the states imagined in the agent's reasoning match the real ones.
+
+Simulation score: at every step, the chosen plan is executed from the real state in a branched copy of the
+env; each imagined state is compared with the real one by env.state_similarity (Sokoban: exact grid match;
+text envs: token F1); a step scores the mean over its plan (missing or unreadable states score 0); the
+score averages over steps, then episodes.
+
+    python evaluate.py --model tiny --env sokoban --split id --episodes 20
+    python evaluate.py --model runs/resim_sokoban/model --split ood --episodes 100 --show 1
+"""
+import argparse
+import importlib
+import json
+import math
+import time
+
+import numpy as np
+
+ENV_MODULES = {"sokoban": "sokoban", "alfworld": "alfworld_env", "android": "android_env"}
+
+
+def env_module(name):
+    if name not in ENV_MODULES:
+        raise ValueError(f"unknown env {name!r}: use one of {sorted(ENV_MODULES)}")
+    return importlib.import_module(ENV_MODULES[name])
+
+
+def wilson(k, n, z=1.96):
+    """95% Wilson score interval of a success rate."""
+    if n == 0:
+        return 0.0, 0.0
+    p, d = k / n, 1 + z * z / n
+    c, h = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return max(0.0, c - h), min(1.0, c + h)
+
+
+def plan_similarity(env, plan, action):
+    """Execute `plan` from env's current state in a branch; mean similarity of imagined vs real states.
+    Returns (score, [(action, imagined, real)]); the env is restored."""
+    import agent
+    if plan is None or not plan.actions:
+        return 0.0, []
+    root, pairs, total = env.get_state(), [], 0.0
+    for i, a in enumerate(plan.actions):
+        if env.done:
+            break
+        real, _, _, _ = env.step(a)
+        imagined = plan.states[i] if i < len(plan.states) else ""
+        total += env.state_similarity(imagined, real) if imagined.strip() else 0.0
+        pairs.append((a, imagined, real))
+    env.set_state(root)
+    return total / len(plan.actions), pairs
+
+
+def replay(env, episode, show=False):
+    """Replay an episode from its seed: per-step simulation scores (and side-by-side text when show)."""
+    import agent
+    env.reset(episode.seed)
+    scores, lines = [], []
+    for t, turn in enumerate(episode.turns):
+        parsed = agent.parse_response(turn.text)
+        s, pairs = plan_similarity(env, parsed.chosen_plan(), parsed.action)
+        scores.append(s)
+        if show:
+            lines.append(f"--- step {t}: action {turn.action!r}, simulation {s:.2f}")
+            lines += [side_by_side(a, im, re) for a, im, re in pairs] or ["(no imagined states)"]
+        env.step(turn.action if turn.action is not None else turn.text)
+    return scores, "\n".join(lines)
+
+
+def side_by_side(action, imagined, real):
+    """Imagined | real, with differing characters marked by ^ under a grid line (text envs: both lines)."""
+    a, b = imagined.splitlines(), real.splitlines()
+    w = max([len(x) for x in a + b] + [8])
+    out = [f"> {action}", f"{'imagined':<{w}}   {'real':<{w}}"]
+    for i in range(max(len(a), len(b))):
+        x = a[i] if i < len(a) else ""
+        y = b[i] if i < len(b) else ""
+        out.append(f"{x:<{w}}   {y:<{w}}")
+        if x != y and len(x) == len(y):
+            out.append("".join("^" if c != d else " " for c, d in zip(x, y)))
+    return "\n".join(out)
+
+
+def episode_rows(envs, episodes):
+    """One dict of metrics per episode (simulation score by replay)."""
+    rows = []
+    for env, ep in zip(envs, episodes):
+        sims, _ = replay(env, ep)
+        rows.append(dict(seed=ep.seed, success=bool(ep.success), steps=ep.steps, ret=ep.ret,
+                         invalid=sum(not t.valid for t in ep.turns) / max(1, len(ep.turns)),
+                         tokens=float(np.mean([len(t.response_ids) for t in ep.turns])) if ep.turns else 0.0,
+                         sim=float(np.mean(sims)) if sims else 0.0,
+                         task_type=getattr(env, "task_type", None)))
+    return rows
+
+
+def summarize(rows):
+    n, k = len(rows), sum(r["success"] for r in rows)
+    lo, hi = wilson(k, n)
+    out = dict(episodes=n, success=k / max(1, n), success_ci95=[lo, hi],
+               steps=float(np.mean([r["steps"] for r in rows])) if rows else 0.0)
+    for key in ("ret", "invalid", "tokens", "sim"):
+        out[key] = float(np.mean([r[key] for r in rows])) if rows else 0.0
+    types = sorted({r["task_type"] for r in rows if r["task_type"]})
+    if types:
+        out["success_by_task_type"] = {t: float(np.mean([r["success"] for r in rows if r["task_type"] == t]))
+                                       for t in types}
+    return out
+
+
+def run_eval(model, tokenizer, env_name, split, seeds, *, env_kwargs=None, history_k=0, system=True,
+             max_new_tokens=512, temperature=0.0, batch=256, progress=True):
+    """Play `seeds` of a split (greedy by default) and return per-episode metric rows."""
+    import agent
+    mod, rows = env_module(env_name), []
+    for i in range(0, len(seeds), batch):
+        chunk = seeds[i:i + batch]
+        envs = [mod.make_env(split, **(env_kwargs or {})) for _ in chunk]
+        eps = agent.run_episodes(model, tokenizer, envs, chunk, history_k=history_k, system=system,
+                                 gen_kwargs=dict(max_new_tokens=max_new_tokens, temperature=temperature,
+                                                 seed=0), progress=progress)
+        rows += episode_rows(envs, eps)
+    return rows
+
+
+def format_table(results):
+    head = f"{'split':<6}{'n':>5}{'success':>9}{'95% CI':>14}{'steps':>7}{'return':>8}{'invalid':>9}" \
+           f"{'tokens':>8}{'sim':>6}"
+    lines = [head]
+    for split, m in results.items():
+        lo, hi = m["success_ci95"]
+        lines.append(f"{split:<6}{m['episodes']:>5}{m['success']:>9.3f}{f'[{lo:.2f},{hi:.2f}]':>14}"
+                     f"{m['steps']:>7.1f}{m['ret']:>8.2f}{m['invalid']:>9.3f}{m['tokens']:>8.1f}{m['sim']:>6.2f}")
+    return "\n".join(lines)
+
+
+def prompt_settings(model_name):
+    """Prompt settings a trained checkpoint was trained with (dynamind.json beside the weights)."""
+    import os
+    path = os.path.join(model_name, "dynamind.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    return {}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="tiny", help="tiny | smollm2 | a run's model directory | hub id")
+    ap.add_argument("--env", default=None, help="sokoban | alfworld | android (default: the checkpoint's)")
+    ap.add_argument("--split", default="id", choices=["id", "ood", "train"])
+    ap.add_argument("--episodes", type=int, default=20)
+    ap.add_argument("--start", type=int, default=0, help="first seed index of the split")
+    ap.add_argument("--max-new-tokens", type=int, default=None)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--history-k", type=int, default=None)
+    ap.add_argument("--system", type=int, default=None, help="1/0: include the system prompt")
+    ap.add_argument("--out", default=None, help="write the metrics JSON here")
+    ap.add_argument("--show", type=int, default=0, help="print the first K episodes, imagined vs real")
+    args = ap.parse_args()
+
+    import agent
+    saved = prompt_settings(args.model)
+    env_name = args.env or saved.get("env", "sokoban")
+    history_k = args.history_k if args.history_k is not None else saved.get("history_k", 0)
+    system = bool(args.system) if args.system is not None else saved.get("system", args.model != "tiny")
+    max_new = args.max_new_tokens or saved.get("max_new_tokens", 512)
+    env_kwargs = saved.get("env_kwargs", {}) if saved.get("env") == env_name else {}
+    t0 = time.time()
+    model, tok = agent.load_model(args.model)
+    mod = env_module(env_name)
+    seeds = mod.split_seeds(args.split, args.episodes, start=args.start)
+    envs = [mod.make_env(args.split, **env_kwargs) for _ in seeds]
+    eps = agent.run_episodes(model, tok, envs, seeds, history_k=history_k, system=system, progress=True,
+                             gen_kwargs=dict(max_new_tokens=max_new, temperature=args.temperature, seed=0))
+    metrics = summarize(episode_rows(envs, eps))
+    metrics.update(model=args.model, env=env_name, split=args.split, seconds=time.time() - t0)
+    print(format_table({args.split: metrics}))
+    if "success_by_task_type" in metrics:
+        for t, v in metrics["success_by_task_type"].items():
+            print(f"  {t:<36}{v:.3f}")
+    for ep, env in list(zip(eps, envs))[:args.show]:
+        print(f"\n=== episode seed {ep.seed}: success {ep.success}, steps {ep.steps}")
+        print(replay(env, ep, show=True)[1])
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(metrics, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,460 @@
+"""Train Dyna-Mind. One entry point for every stage, one process on a CPU or many GPUs under torchrun:
+
+    torchrun --nproc_per_node=1 train.py --stage resim                      # stage 1: ReSim -> SFT -> eval
+    torchrun --nproc_per_node=1 train.py --stage dyna_grpo                  # stage 2 from the ReSim model
+    torchrun --nproc_per_node=1 train.py --stage grpo  --config configs/sokoban.yaml rl.steps=10
+    python train.py --stage rloo ...                                        # plain python works too
+
+The config is DEFAULTS below (the embedded default: Sokoban, tiny model, CPU), then --config YAML, then
+key=value overrides (dotted keys, YAML values). Unknown keys and wrong types are errors before any work.
+
+RL stages (the paper's Algorithm 1; grpo/rloo skip phase A):
+    for it in 1..N:
+        (A) n_T simulation-improvement steps: G/2 SimRollouts (tau', tau'_refine) + G/2 plain rollouts per task;
+            GRPO on the group tau U tau' (episode advantage), then on tau'_refine with A_refine
+        (B) n_pi policy-improvement steps: G plain rollouts per task, GRPO (or RLOO) on outcome return
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from tqdm import tqdm
+
+DEFAULTS = {
+    "env": "sokoban",
+    "env_kwargs": {},             # passed to the env module's make_env (e.g. max_steps)
+    "model": "tiny",              # tiny | smollm2 | a model directory | a hub id (resim stage)
+    "tiny": {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
+             "num_key_value_heads": 4, "intermediate_size": 768},
+    "init_from": "",              # RL stages: a model directory (default: runs/resim_<env>/model)
+    "out_dir": "",                # default: runs/<stage>_<env>
+    "seed": 0,
+    "device": "auto",             # auto | cpu | cuda
+    "bf16": True,                 # autocast to bfloat16 (CPU AMX or GPU)
+    "history_k": 0,               # (action, observation) pairs shown; Sokoban is Markov
+    "system": False,              # system prompt: rules and format text (off for a from-scratch model)
+    "max_new_tokens": 384,
+    "resim": {"episodes": 1200, "b": 4, "d": 2, "b_train": 2, "rollout": "expert", "eps": 0.3,
+              "value": "expert", "gamma": 0.9, "aggregator": "template", "aggregator_model": "",
+              "action_only": False, "reuse_traces": True},
+    "sft": {"epochs": 3, "batch_size": 32, "micro_batch": 32, "lr": 2e-3, "warmup": 0.05,
+            "weight_decay": 0.0, "grad_clip": 1.0},
+    "rl": {"steps": 20, "tasks": 8, "group": 8, "lr": 3e-5, "ppo_epochs": 1, "micro_batch": 16,
+           "clip_low": 0.2, "clip_high": 0.28, "beta": 0.0, "agg": "token-mean", "temperature": 1.0,
+           "n_T": 1, "n_pi": 1, "sim_depth": 5, "format_penalty": 0.0, "grad_clip": 1.0,
+           "task_start": 100000, "save_every": 5},
+    "eval": {"id": 200, "ood": 100, "temperature": 0.0, "batch": 256},
+}
+STAGES = ("resim", "grpo", "rloo", "dyna_grpo")
+
+
+# ---- config -----------------------------------------------------------------------------------------
+
+def same_type(default, value):
+    """A value may replace a default of its type; an int may stand for a float, a bool for nothing else."""
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(default, bool) and isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    return isinstance(value, type(default))
+
+
+def merge(base, new, where="config"):
+    """Merge `new` into a copy of `base`; unknown keys and mismatched types raise ValueError."""
+    out = copy.deepcopy(base)
+    for k, v in (new or {}).items():
+        if k not in base:
+            raise ValueError(f"{where}: unknown key {k!r}; valid keys: {', '.join(sorted(base))}")
+        b = base[k]
+        if isinstance(b, float) and isinstance(v, str):   # YAML reads 1e-4 (no dot) as a string
+            try:
+                v = float(v)
+            except ValueError:
+                pass
+        if isinstance(b, dict) and k != "env_kwargs":
+            if not isinstance(v, dict):
+                raise ValueError(f"{where}.{k}: expected a mapping, got {v!r}")
+            out[k] = merge(b, v, f"{where}.{k}")
+        elif not same_type(b, v):
+            raise ValueError(f"{where}.{k}: expected {type(b).__name__}, got {v!r}")
+        else:
+            out[k] = float(v) if isinstance(b, float) else v
+    return out
+
+
+def load_config(path=None, overrides=()):
+    cfg = DEFAULTS
+    if path:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: the config must be a YAML mapping")
+        cfg = merge(cfg, data, path)
+    for ov in overrides:
+        if "=" not in ov:
+            raise ValueError(f"override {ov!r}: expected key=value")
+        key, val = ov.split("=", 1)
+        nested = yaml.safe_load(val)
+        for part in reversed(key.split(".")):
+            nested = {part: nested}
+        cfg = merge(cfg, nested, "override")
+    return cfg
+
+
+# ---- distributed ------------------------------------------------------------------------------------
+
+def setup_dist(cfg):
+    """(rank, world, device). torchrun sets WORLD_SIZE; one process needs no process group."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    cuda = torch.cuda.is_available() and cfg["device"] in ("auto", "cuda")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1:
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    return rank, world, device
+
+
+def gather(obj, world):
+    """All ranks' lists, concatenated (identity for one process)."""
+    if world == 1:
+        return obj
+    out = [None] * world
+    torch.distributed.all_gather_object(out, obj)
+    return [x for part in out for x in part]
+
+
+def allreduce_grads(model, world):
+    """Sum gradients over ranks once per optimizer step (no sync on accumulation micro-batches, so ranks
+    with different numbers of micro-batches never wait on each other)."""
+    if world > 1:
+        for p in model.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            torch.distributed.all_reduce(p.grad)
+
+
+def allsum(x, world):
+    if world == 1:
+        return x
+    t = torch.tensor(float(x))
+    torch.distributed.all_reduce(t)
+    return t.item()
+
+
+# ---- run directory, logging, checkpoints --------------------------------------------------------------
+
+class Run:
+    """The run directory: config.yaml, metrics.jsonl, eval.json, model/, curves.png. Rank 0 writes."""
+
+    def __init__(self, out_dir, cfg, rank):
+        self.dir, self.rank = Path(out_dir), rank
+        if rank == 0:
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                probe = self.dir / ".write_test"
+                probe.write_text("ok")
+                probe.unlink()
+            except OSError as e:
+                raise SystemExit(f"run directory {self.dir} is not writable: {e}")
+            (self.dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+            (self.dir / "metrics.jsonl").write_text("")
+
+    def log(self, rec):
+        if self.rank == 0:
+            with open(self.dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    def save_model(self, model, tokenizer, cfg, name="model"):
+        """save_pretrained into a temporary directory, then rename: a killed run never leaves half a model."""
+        if self.rank != 0:
+            return
+        final, tmp = self.dir / name, self.dir / f".{name}.tmp"
+        if tmp.exists():
+            import shutil
+            shutil.rmtree(tmp)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        settings = {k: cfg[k] for k in ("env", "env_kwargs", "history_k", "system", "max_new_tokens")}
+        (tmp / "dynamind.json").write_text(json.dumps(settings, indent=1))
+        if final.exists():
+            import shutil
+            shutil.rmtree(final)
+        tmp.rename(final)
+
+    def plot(self):
+        if self.rank != 0:
+            return
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        recs = [json.loads(x) for x in (self.dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        panels = [("sft", "loss"), ("rl", "success"), ("rl", "ret"), ("rl", "response_tokens")]
+        panels = [(s, k) for s, k in panels if any(r.get("stage", "").startswith(s) and k in r for r in recs)]
+        if not panels:
+            return
+        fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3), squeeze=False)
+        for ax, (s, k) in zip(axes[0], panels):
+            for stage in sorted({r["stage"] for r in recs if r["stage"].startswith(s)}):
+                pts = [(r["step"], r[k]) for r in recs if r["stage"] == stage and k in r]
+                ax.plot(*zip(*pts), label=stage)
+            ax.set_xlabel("step"), ax.set_title(k), ax.legend()
+        fig.tight_layout()
+        fig.savefig(self.dir / "curves.png", dpi=80)
+
+
+# ---- evaluation on held-out splits ------------------------------------------------------------------
+
+def evaluate_splits(model, tok, cfg, rank, world, run, tag):
+    """ID and OOD test splits, sharded over ranks; rank 0 prints and writes eval.json."""
+    import evaluate
+    mod, results = evaluate.env_module(cfg["env"]), {}
+    for split in ("id", "ood"):
+        n = cfg["eval"][split]
+        if n <= 0:
+            continue
+        seeds = mod.split_seeds(split, n)[rank::world]
+        rows = evaluate.run_eval(model, tok, cfg["env"], split, seeds, env_kwargs=cfg["env_kwargs"],
+                                 history_k=cfg["history_k"], system=cfg["system"],
+                                 max_new_tokens=cfg["max_new_tokens"], temperature=cfg["eval"]["temperature"],
+                                 batch=cfg["eval"]["batch"], progress=rank == 0)
+        results[split] = evaluate.summarize(gather(rows, world))
+    if rank == 0 and results:
+        print(f"\n[{tag}] held-out evaluation ({cfg['env']})\n" + evaluate.format_table(results))
+        (run.dir / "eval.json").write_text(json.dumps(results, indent=1))
+        run.log(dict(stage="eval", step=0, tag=tag, **{f"{s}_{k}": v for s, m in results.items()
+                                                      for k, v in m.items() if isinstance(v, float)}))
+    return results
+
+
+# ---- stage 1: ReSim ---------------------------------------------------------------------------------
+
+def stage_resim(cfg, rank, world, device, run):
+    import agent
+    import resim
+    import evaluate
+    torch.manual_seed(cfg["seed"])
+    model, tok = agent.load_model(cfg["model"], device=device, **(cfg["tiny"] if cfg["model"] == "tiny" else {}))
+    rc = cfg["resim"]
+    traces = run.dir / "traces.jsonl"
+    key = json.dumps([cfg["env"], cfg["env_kwargs"], cfg["model"], cfg["history_k"], cfg["system"],
+                      {k: v for k, v in rc.items() if k not in ("action_only", "reuse_traces")}], sort_keys=True)
+    cached = traces.exists() and rc["reuse_traces"] and (run.dir / "traces.key").exists() \
+        and (run.dir / "traces.key").read_text() == key
+    if cached:
+        records = resim.read_jsonl(traces)
+        if rank == 0:
+            print(f"reusing {len(records)} ReSim steps from {traces}")
+    else:
+        aggregate = resim.template_aggregate
+        if rc["aggregator"] == "llm":
+            amodel, atok = agent.load_model(rc["aggregator_model"] or cfg["model"], device=device)
+            aggregate = resim.llm_aggregator(amodel, atok)
+        elif rc["aggregator"] != "template":
+            raise ValueError(f"resim.aggregator must be template or llm, got {rc['aggregator']!r}")
+        seeds = evaluate.env_module(cfg["env"]).split_seeds("train", rc["episodes"])[rank::world]
+        records, stats = resim.collect(cfg["env"], cfg["env_kwargs"], seeds, tokenizer=tok, aggregate=aggregate,
+                                       history_k=cfg["history_k"], system=cfg["system"],
+                                       seed=cfg["seed"] + rank, progress=rank == 0, **rc)
+        records = gather(records, world)
+        stats = {k: allsum(v, world) for k, v in stats.items()}
+        run.log(dict(stage="resim_collect", step=0, **stats))
+        if rank == 0:
+            print(f"ReSim: {stats['solved']:.0f}/{stats['episodes']:.0f} episodes solved, "
+                  f"{len(records)} steps kept, {stats['seconds']:.0f} s")
+            with open(traces, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in records)
+            (run.dir / "traces.key").write_text(key)
+    pairs = resim.encode(tok, records, action_only=rc["action_only"])
+    if rank == 0:
+        n_tok = sum(len(p) + len(q) for p, q in pairs)
+        print(f"SFT on {len(pairs)} examples ({'action only' if rc['action_only'] else 'ReSim traces'}), "
+              f"{n_tok / max(1, len(pairs)):.0f} tokens each")
+    t0 = time.time()
+    resim.sft(model, tok, pairs, bf16=cfg["bf16"], seed=cfg["seed"], rank=rank, world=world, log=run.log,
+              progress=rank == 0, allreduce=lambda: allreduce_grads(model, world),
+              allsum=lambda x: allsum(x, world), **cfg["sft"])
+    run.log(dict(stage="sft_done", step=0, seconds=time.time() - t0))
+    run.save_model(model, tok, cfg)
+    return model, tok
+
+
+# ---- stage 2: GRPO / RLOO / Dyna-GRPO ---------------------------------------------------------------
+
+def rollout_samples(episodes, advantages, turns_of=lambda ep: ep.turns):
+    """Every turn is a sample sharing its episode's advantage: (prompt_ids, response_ids, advantage)."""
+    return [(t.prompt_ids, t.response_ids, float(a)) for ep, a in zip(episodes, advantages)
+            for t in turns_of(ep)]
+
+
+def rl_update(model, ref, opt, tok, samples, rc, world):
+    """Old log-probs fixed before the update, then ppo_epochs passes of clipped-ratio micro-batches."""
+    import grpo
+    if rc["beta"] == 0:
+        samples = [s for s in samples if s[2] != 0.0]   # zero advantage and no KL: no gradient
+    n_tok = allsum(sum(len(s[1]) for s in samples), world)
+    if n_tok == 0:
+        return {}
+    pad, mb = tok.pad_token_id, rc["micro_batch"]
+    chunks = [samples[i:i + mb] for i in range(0, len(samples), mb)]
+
+    def logps(net, chunk, grad):
+        with torch.set_grad_enabled(grad):
+            return grpo.response_logprobs(net, [s[0] for s in chunk], [s[1] for s in chunk], pad)
+
+    old = [logps(model, c, False)[0].detach() for c in chunks]
+    refs = [logps(ref, c, False)[0] for c in chunks] if ref is not None else [None] * len(chunks)
+    stats, model_dev = [], next(model.parameters()).device
+    for _ in range(rc["ppo_epochs"]):
+        for c, o, r in zip(chunks, old, refs):
+            logp, mask = logps(model, c, True)
+            adv = torch.tensor([s[2] for s in c], device=model_dev)
+            loss, st = grpo.policy_loss(logp.float(), o.float(), adv, mask, ref_logp=r, beta=rc["beta"],
+                                        clip_low=rc["clip_low"], clip_high=rc["clip_high"], agg=rc["agg"])
+            w = mask.sum().item() / n_tok if rc["agg"] == "token-mean" else len(c) / allsum(len(samples), world)
+            (loss * w).backward()
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"non-finite RL loss {loss.item()}")
+            stats.append(st)
+        allreduce_grads(model, world)
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), rc["grad_clip"])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    out = {k: float(np.mean([s[k] for s in stats])) for k in stats[0]}
+    out["grad_norm"] = float(gnorm)
+    return out
+
+
+def stage_rl(stage, cfg, rank, world, device, run):
+    import agent
+    import grpo
+    import simrollout
+    import evaluate
+    rc = cfg["rl"]
+    init = cfg["init_from"] or f"runs/resim_{cfg['env']}/model"
+    if not os.path.isdir(init):
+        raise SystemExit(f"{stage}: no checkpoint at {init!r}; run `train.py --stage resim` first or set init_from")
+    model, tok = agent.load_model(init, device=device)
+    saved = evaluate.prompt_settings(init)
+    for k in ("history_k", "system"):
+        if k in saved and saved[k] != cfg[k]:
+            print(f"note: using the checkpoint's {k}={saved[k]} (config had {cfg[k]})")
+            cfg[k] = saved[k]
+    ref = None
+    if rc["beta"] > 0:
+        ref = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=rc["lr"], betas=(0.9, 0.95), weight_decay=0.0)
+    mod, G = evaluate.env_module(cfg["env"]), rc["group"]
+    gen = dict(max_new_tokens=cfg["max_new_tokens"], temperature=rc["temperature"])
+    cursor = rc["task_start"]
+    # Algorithm 1's schedule: n_T simulation-improvement steps, then n_pi policy-improvement steps
+    phases = (["sim"] * rc["n_T"] + ["pi"] * rc["n_pi"]) if stage == "dyna_grpo" else ["pi"]
+    bar = tqdm(range(rc["steps"]), desc=stage, disable=rank != 0)
+    for step in bar:
+        phase = phases[step % len(phases)]
+        tasks = mod.split_seeds("train", rc["tasks"] * world, start=cursor)[rank::world]
+        cursor += rc["tasks"] * world
+        t0 = time.time()
+        gen["seed"] = cfg["seed"] * 100003 + step * 1009 + rank
+        model.eval()
+        if phase == "pi":
+            seeds = [s for s in tasks for _ in range(G)]
+            envs = [mod.make_env("train", **cfg["env_kwargs"]) for _ in seeds]
+            eps = agent.run_episodes(model, tok, envs, seeds, gen_kwargs=gen, history_k=cfg["history_k"],
+                                     system=cfg["system"])
+            for ep in eps:
+                ep.ret = agent.episode_return(ep.steps, ep.success, sum(not t.valid for t in ep.turns),
+                                              rc["format_penalty"])
+            rets = torch.tensor([ep.ret for ep in eps])
+            adv_fn = grpo.rloo_advantages if stage == "rloo" else grpo.group_advantages
+            adv = adv_fn(rets, [ep.seed for ep in eps])
+            batches = [rollout_samples(eps, adv)]
+            all_eps, refine_eps = eps, []
+        else:
+            seeds = [s for s in tasks for _ in range(G // 2)]
+            envs = [mod.make_env("train", **cfg["env_kwargs"]) for _ in seeds]
+            sim = simrollout.simrollout(model, tok, envs, seeds, gen_kwargs=gen, d=rc["sim_depth"],
+                                        history_k=cfg["history_k"], system=cfg["system"],
+                                        format_penalty=rc["format_penalty"])
+            envs = [mod.make_env("train", **cfg["env_kwargs"]) for _ in seeds]
+            plain = agent.run_episodes(model, tok, envs, seeds, gen_kwargs=gen, history_k=cfg["history_k"],
+                                       system=cfg["system"])
+            for ep in plain:
+                ep.ret = agent.episode_return(ep.steps, ep.success, sum(not t.valid for t in ep.turns),
+                                              rc["format_penalty"])
+            group = plain + sim      # tau U tau': one GRPO group of size G per task
+            adv = grpo.group_advantages(torch.tensor([ep.ret for ep in group]), [ep.seed for ep in group])
+            a_ref = []
+            for ep in sim:           # A_refine against this task's two group means
+                mp = np.mean([p.ret for p in plain if p.seed == ep.seed])
+                ms = np.mean([q.ret for q in sim if q.seed == ep.seed])
+                a_ref.append(grpo.a_refine(ep.ret, ep.success, mp, ms))
+            batches = [rollout_samples(group, adv),
+                       rollout_samples(sim, a_ref, turns_of=lambda ep: ep.refine_turns)]
+            all_eps, refine_eps = group, sim
+        t_roll = time.time() - t0
+        model.train()
+        upd = {}
+        for i, samples in enumerate(batches):
+            st = rl_update(model, ref, opt, tok, samples, rc, world)
+            upd.update({(f"refine_{k}" if i else k): v for k, v in st.items()})
+        model.eval()
+        rows = gather([(ep.seed, ep.ret, ep.success, np.mean([len(t.response_ids) for t in ep.turns] or [0]))
+                       for ep in all_eps], world)
+        rets = torch.tensor([r[1] for r in rows])
+        gids = [r[0] for r in rows]
+        zero_var = float(np.mean([float(torch.tensor([r for r, g in zip(rets, gids) if g == s]).std() == 0)
+                                  for s in set(gids)]))
+        rec = dict(stage=f"rl_{stage}", step=step + 1, phase=phase, success=float(np.mean([r[2] for r in rows])),
+                   ret=float(rets.mean()), response_tokens=float(np.mean([r[3] for r in rows])),
+                   zero_var_groups=zero_var, rollout_s=t_roll, step_s=time.time() - t0, **upd)
+        if refine_eps:
+            rec["a_refine_mean"] = float(np.mean(a_ref))
+            rec["simrollout_success"] = float(np.mean([ep.success for ep in refine_eps]))
+        run.log(rec)
+        bar.set_postfix(success=f"{rec['success']:.2f}", ret=f"{rec['ret']:.2f}")
+        if rc["save_every"] and (step + 1) % rc["save_every"] == 0:
+            run.save_model(model, tok, cfg)
+    run.save_model(model, tok, cfg)
+    return model, tok
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stage", required=True, choices=STAGES)
+    ap.add_argument("--config", default=None, help="a YAML file under configs/")
+    ap.add_argument("overrides", nargs="*", help="key=value, e.g. rl.steps=10 sft.epochs=1")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ValueError, OSError, yaml.YAMLError) as e:
+        raise SystemExit(f"config error: {e}")
+    import evaluate
+    evaluate.env_module(cfg["env"])      # an unknown env fails here, before any work
+    rank, world, device = setup_dist(cfg)
+    torch.manual_seed(cfg["seed"] + rank)
+    run = Run(cfg["out_dir"] or f"runs/{args.stage}_{cfg['env']}", cfg, rank)
+    t0 = time.time()
+    if args.stage == "resim":
+        model, tok = stage_resim(cfg, rank, world, device, run)
+    else:
+        model, tok = stage_rl(args.stage, cfg, rank, world, device, run)
+    results = evaluate_splits(model, tok, cfg, rank, world, run, args.stage)
+    run.plot()
+    if rank == 0:
+        print(f"{args.stage} done in {(time.time() - t0) / 60:.1f} min; run directory {run.dir}")
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
