@@ -9,7 +9,11 @@ import re
 import sys
 from dataclasses import dataclass, field
 
-import torch
+# Nothing is downloaded at run time (tests and default runs are offline); HF_HUB_OFFLINE=0 allows hub ids.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import (AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerFast,
                           Qwen2Config, Qwen2ForCausalLM)
@@ -93,8 +97,8 @@ def load_model(name, dtype=None, device=None, **tiny):
 # Response format (INTERFACES.md): <think> Plan k: / "> action" + imagined state lines / Value: / Best: </think>
 
 FORMAT_RESIM = """Answer in this format. Inside <think>, compare a few plans. A plan is a run of lines "> ACTION", each \
-followed by the observation you expect after that action, and ends with "Value: NUMBER" (the return you expect: \
--0.1 per step, +10 when the task is solved). Then name the best plan and give only its first action:
+followed by the observation you expect after that action, and ends with "Value: NUMBER" (from 0, hopeless, \
+to 1, solved: how close the plan's last state is to solving the task). Then name the best plan and give only its first action:
 <think>
 Plan 1:
 > ACTION
@@ -277,20 +281,42 @@ def _eos_ids(model, tokenizer):
     return e | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
 
 
-@torch.inference_mode()
-def _generate_batch(model, tokenizer, ids, max_new_tokens, temperature, top_p, stop, gen):
-    dev, B, T = model.device, len(ids), max(map(len, ids))
-    eos = _eos_ids(model, tokenizer)
-    window = 4 * max(map(len, stop), default=0) + 4   # tokens to decode for the stop check (>= stop's chars)
-    x = torch.full((B, T), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((B, T), dtype=torch.long)
+def _left_pad(ids, pad_id, T, dev):
+    x = torch.full((len(ids), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), T), dtype=torch.long)
     for i, p in enumerate(ids):
         x[i, T - len(p):], mask[i, T - len(p):] = torch.tensor(p), 1
     x, mask = x.to(dev), mask.to(dev)
-    pos = (mask.cumsum(1) - 1).clamp(min=0)
-    cache = DynamicCache(config=model.config)
-    logits = model(input_ids=x, attention_mask=mask, position_ids=pos, cache=cache,
-                   use_cache=True, logits_to_keep=1).logits[:, -1]
+    return x, mask, (mask.cumsum(1) - 1).clamp(min=0)   # positions count real tokens only
+
+
+def _prefill(model, ids, pad_id, group):
+    """Prefill rows in length-sorted groups (little padding compute), then merge their KV caches into one
+    batch left-padded to the longest prompt. Returns (cache, last logits, mask, positions)."""
+    dev, T = model.device, max(map(len, ids))
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    kv, logits = [], []
+    for g in range(0, len(ids), group):
+        rows = [ids[i] for i in order[g:g + group]]
+        x, m, p = _left_pad(rows, pad_id, len(rows[-1]), dev)
+        cache = DynamicCache(config=model.config)
+        logits.append(model(input_ids=x, attention_mask=m, position_ids=p, cache=cache, use_cache=True,
+                            logits_to_keep=1).logits[:, -1])
+        pad = T - x.shape[1]   # left-pad keys/values to T; the merged mask hides the padding
+        kv.append([(F.pad(l.keys, (0, 0, pad, 0)), F.pad(l.values, (0, 0, pad, 0))) for l in cache.layers])
+    inv = torch.tensor(order, device=dev).argsort()
+    merged = [(torch.cat([c[li][0] for c in kv])[inv], torch.cat([c[li][1] for c in kv])[inv])
+              for li in range(len(kv[0]))]
+    _, mask, pos = _left_pad(ids, pad_id, T, dev)
+    return DynamicCache(ddp_cache_data=merged, config=model.config), torch.cat(logits)[inv], mask, pos
+
+
+@torch.inference_mode()
+def _generate_batch(model, tokenizer, ids, max_new_tokens, temperature, top_p, stop, gen, prefill_group):
+    dev, B = model.device, len(ids)
+    eos = _eos_ids(model, tokenizer)
+    window = 4 * max(map(len, stop), default=0) + 4   # tokens to decode for the stop check (>= stop's chars)
+    cache, logits, mask, pos = _prefill(model, ids, tokenizer.pad_token_id, prefill_group)
     pos = pos[:, -1]
     rows = list(range(B))   # original index of each row still in the batch
     toks, lps, reason = [[] for _ in ids], [[] for _ in ids], [None] * B
@@ -325,9 +351,10 @@ def _generate_batch(model, tokenizer, ids, max_new_tokens, temperature, top_p, s
 
 
 def generate(model, tokenizer, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, stop=("</action>",),
-             seed=None, batch_size=128):
+             seed=None, batch_size=128, prefill_group=8):
     """Sample a response for each prompt (text, or a list of token ids). Rows end on a stop string (kept),
-    EOS (dropped) or max_new_tokens. batch_size chunks very large batches. seed: reproducible sampling."""
+    EOS (dropped) or max_new_tokens. batch_size chunks very large batches; prefill_group rows of similar
+    length are prefilled together (less padding). seed: reproducible sampling."""
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
     if isinstance(stop, str):
@@ -343,7 +370,7 @@ def generate(model, tokenizer, prompts, *, max_new_tokens, temperature=1.0, top_
     out = []
     for i in range(0, len(ids), batch_size):
         out += _generate_batch(model, tokenizer, ids[i:i + batch_size], max_new_tokens, temperature, top_p,
-                               tuple(stop or ()), gen)
+                               tuple(stop or ()), gen, prefill_group)
     return out
 
 

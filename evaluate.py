@@ -17,6 +17,8 @@ import time
 
 import numpy as np
 
+import agent
+
 ENV_MODULES = {"sokoban": "sokoban", "alfworld": "alfworld_env", "android": "android_env"}
 
 
@@ -38,7 +40,6 @@ def wilson(k, n, z=1.96):
 def plan_similarity(env, plan, action):
     """Execute `plan` from env's current state in a branch; mean similarity of imagined vs real states.
     Returns (score, [(action, imagined, real)]); the env is restored."""
-    import agent
     if plan is None or not plan.actions:
         return 0.0, []
     root, pairs, total = env.get_state(), [], 0.0
@@ -55,7 +56,6 @@ def plan_similarity(env, plan, action):
 
 def replay(env, episode, show=False):
     """Replay an episode from its seed: per-step simulation scores (and side-by-side text when show)."""
-    import agent
     env.reset(episode.seed)
     scores, lines = [], []
     for t, turn in enumerate(episode.turns):
@@ -92,7 +92,8 @@ def episode_rows(envs, episodes):
                          invalid=sum(not t.valid for t in ep.turns) / max(1, len(ep.turns)),
                          tokens=float(np.mean([len(t.response_ids) for t in ep.turns])) if ep.turns else 0.0,
                          sim=float(np.mean(sims)) if sims else 0.0,
-                         task_type=getattr(env, "task_type", None)))
+                         task_type=getattr(env, "task_type", None),
+                         optimal=getattr(env, "solution_length", None)))   # Sokoban: BFS-optimal length
     return rows
 
 
@@ -107,22 +108,25 @@ def summarize(rows):
     if types:
         out["success_by_task_type"] = {t: float(np.mean([r["success"] for r in rows if r["task_type"] == t]))
                                        for t in types}
+    if rows and all(r["optimal"] for r in rows):   # success by optimal solution length (Sokoban)
+        buckets = {"1": (1, 1), "2-4": (2, 4), "5+": (5, 10**9)}
+        out["success_by_length"] = {b: float(np.mean([r["success"] for r in rows if lo <= r["optimal"] <= hi]))
+                                    for b, (lo, hi) in buckets.items()
+                                    if any(lo <= r["optimal"] <= hi for r in rows)}
     return out
 
 
-def run_eval(model, tokenizer, env_name, split, seeds, *, env_kwargs=None, history_k=0, system=True,
-             max_new_tokens=512, temperature=0.0, batch=256, progress=True):
-    """Play `seeds` of a split (greedy by default) and return per-episode metric rows."""
-    import agent
-    mod, rows = env_module(env_name), []
+def play(model, tokenizer, env_name, split, seeds, *, env_kwargs=None, history_k=0, system=True,
+         max_new_tokens=512, temperature=0.0, batch=256, progress=True):
+    """Play `seeds` of a split (greedy by default), `batch` episodes in lockstep. Returns (envs, episodes)."""
+    mod, envs, eps = env_module(env_name), [], []
     for i in range(0, len(seeds), batch):
         chunk = seeds[i:i + batch]
-        envs = [mod.make_env(split, **(env_kwargs or {})) for _ in chunk]
-        eps = agent.run_episodes(model, tokenizer, envs, chunk, history_k=history_k, system=system,
-                                 gen_kwargs=dict(max_new_tokens=max_new_tokens, temperature=temperature,
-                                                 seed=0), progress=progress)
-        rows += episode_rows(envs, eps)
-    return rows
+        envs += [mod.make_env(split, **(env_kwargs or {})) for _ in chunk]
+        eps += agent.run_episodes(model, tokenizer, envs[i:], chunk, history_k=history_k, system=system,
+                                  gen_kwargs=dict(max_new_tokens=max_new_tokens, temperature=temperature,
+                                                  seed=0), progress=progress)
+    return envs, eps
 
 
 def format_table(results):
@@ -161,7 +165,6 @@ def main():
     ap.add_argument("--show", type=int, default=0, help="print the first K episodes, imagined vs real")
     args = ap.parse_args()
 
-    import agent
     saved = prompt_settings(args.model)
     env_name = args.env or saved.get("env", "sokoban")
     history_k = args.history_k if args.history_k is not None else saved.get("history_k", 0)
@@ -170,17 +173,15 @@ def main():
     env_kwargs = saved.get("env_kwargs", {}) if saved.get("env") == env_name else {}
     t0 = time.time()
     model, tok = agent.load_model(args.model)
-    mod = env_module(env_name)
-    seeds = mod.split_seeds(args.split, args.episodes, start=args.start)
-    envs = [mod.make_env(args.split, **env_kwargs) for _ in seeds]
-    eps = agent.run_episodes(model, tok, envs, seeds, history_k=history_k, system=system, progress=True,
-                             gen_kwargs=dict(max_new_tokens=max_new, temperature=args.temperature, seed=0))
+    seeds = env_module(env_name).split_seeds(args.split, args.episodes, start=args.start)
+    envs, eps = play(model, tok, env_name, args.split, seeds, env_kwargs=env_kwargs, history_k=history_k,
+                     system=system, max_new_tokens=max_new, temperature=args.temperature)
     metrics = summarize(episode_rows(envs, eps))
     metrics.update(model=args.model, env=env_name, split=args.split, seconds=time.time() - t0)
     print(format_table({args.split: metrics}))
-    if "success_by_task_type" in metrics:
-        for t, v in metrics["success_by_task_type"].items():
-            print(f"  {t:<36}{v:.3f}")
+    for key in ("success_by_task_type", "success_by_length"):
+        for t, v in metrics.get(key, {}).items():
+            print(f"  {key[11:]} {t:<30}{v:.3f}")
     for ep, env in list(zip(eps, envs))[:args.show]:
         print(f"\n=== episode seed {ep.seed}: success {ep.success}, steps {ep.steps}")
         print(replay(env, ep, show=True)[1])

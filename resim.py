@@ -82,11 +82,12 @@ def resim_episode(env, seed, *, b, d, b_train, act, value, aggregate, rng, token
 def collect(env_name, env_kwargs, seeds, *, tokenizer, aggregate, b=4, d=2, b_train=2, rollout="expert", eps=0.25,
             value="expert", gamma=0.9, history_k=0, system=True, seed=0, progress=True, **_):
     """ReSim data for many train-split episodes; keeps successful ones only. Returns (records, stats)."""
-    env, rng = env_module(env_name).make_env("train", **env_kwargs), np.random.default_rng(seed)
+    env = env_module(env_name).make_env("train", **env_kwargs)
     act = search_tree.make_policy(rollout, eps=eps)
     val = search_tree.make_value(value, gamma=gamma)
     records, solved, t0 = [], 0, time.time()
     for s in tqdm(seeds, desc="ReSim trees", disable=not progress):
+        rng = np.random.default_rng([seed, s])   # per episode: the same trees however seeds are sharded
         recs, ok = resim_episode(env, s, b=b, d=d, b_train=b_train, act=act, value=val, aggregate=aggregate,
                                  rng=rng, tokenizer=tokenizer, history_k=history_k, system=system)
         solved += ok

@@ -41,13 +41,13 @@ DEFAULTS = {
     "bf16": True,                 # autocast to bfloat16 (CPU AMX or GPU)
     "history_k": 0,               # (action, observation) pairs shown; Sokoban is Markov
     "system": False,              # system prompt: rules and format text (off for a from-scratch model)
-    "max_new_tokens": 384,
-    "resim": {"episodes": 1200, "b": 4, "d": 2, "b_train": 2, "rollout": "expert", "eps": 0.3,
+    "max_new_tokens": 320,
+    "resim": {"episodes": 8000, "b": 4, "d": 1, "b_train": 2, "rollout": "expert", "eps": 0.3,
               "value": "expert", "gamma": 0.9, "aggregator": "template", "aggregator_model": "",
               "action_only": False, "reuse_traces": True},
-    "sft": {"epochs": 3, "batch_size": 32, "micro_batch": 32, "lr": 2e-3, "warmup": 0.05,
+    "sft": {"epochs": 1, "batch_size": 16, "micro_batch": 16, "lr": 2e-3, "warmup": 0.05,
             "weight_decay": 0.0, "grad_clip": 1.0},
-    "rl": {"steps": 20, "tasks": 8, "group": 8, "lr": 3e-5, "ppo_epochs": 1, "micro_batch": 16,
+    "rl": {"steps": 20, "tasks": 4, "group": 8, "lr": 1e-4, "ppo_epochs": 1, "micro_batch": 16,
            "clip_low": 0.2, "clip_high": 0.28, "beta": 0.0, "agg": "token-mean", "temperature": 1.0,
            "n_T": 1, "n_pi": 1, "sim_depth": 5, "format_penalty": 0.0, "grad_clip": 1.0,
            "task_start": 100000, "save_every": 5},
@@ -213,22 +213,38 @@ class Run:
 
 # ---- evaluation on held-out splits ------------------------------------------------------------------
 
+def inference_copy(model, cfg, into=None):
+    """The weights generation runs on: a bfloat16 copy when bf16 is on (decoding on CPU is ~1.3x faster),
+    refreshed in place with `into` so RL rollouts always use the current policy."""
+    if not cfg["bf16"] or next(model.parameters()).dtype == torch.bfloat16:
+        return model
+    if into is None:
+        return copy.deepcopy(model).to(torch.bfloat16).eval()
+    into.load_state_dict(model.state_dict())
+    return into
+
+
 def evaluate_splits(model, tok, cfg, rank, world, run, tag):
     """ID and OOD test splits, sharded over ranks; rank 0 prints and writes eval.json."""
     import evaluate
     mod, results = evaluate.env_module(cfg["env"]), {}
+    model = inference_copy(model, cfg)
     for split in ("id", "ood"):
         n = cfg["eval"][split]
         if n <= 0:
             continue
         seeds = mod.split_seeds(split, n)[rank::world]
-        rows = evaluate.run_eval(model, tok, cfg["env"], split, seeds, env_kwargs=cfg["env_kwargs"],
-                                 history_k=cfg["history_k"], system=cfg["system"],
-                                 max_new_tokens=cfg["max_new_tokens"], temperature=cfg["eval"]["temperature"],
-                                 batch=cfg["eval"]["batch"], progress=rank == 0)
-        results[split] = evaluate.summarize(gather(rows, world))
+        envs, eps = evaluate.play(model, tok, cfg["env"], split, seeds, env_kwargs=cfg["env_kwargs"],
+                                  history_k=cfg["history_k"], system=cfg["system"],
+                                  max_new_tokens=cfg["max_new_tokens"], temperature=cfg["eval"]["temperature"],
+                                  batch=cfg["eval"]["batch"], progress=rank == 0)
+        results[split] = evaluate.summarize(gather(evaluate.episode_rows(envs, eps), world))
     if rank == 0 and results:
         print(f"\n[{tag}] held-out evaluation ({cfg['env']})\n" + evaluate.format_table(results))
+        for split, m in results.items():
+            for key in ("success_by_task_type", "success_by_length"):
+                if key in m:
+                    print(f"  {split} {key}: " + ", ".join(f"{k} {v:.2f}" for k, v in m[key].items()))
         (run.dir / "eval.json").write_text(json.dumps(results, indent=1))
         run.log(dict(stage="eval", step=0, tag=tag, **{f"{s}_{k}": v for s, m in results.items()
                                                       for k, v in m.items() if isinstance(v, float)}))
@@ -263,8 +279,8 @@ def stage_resim(cfg, rank, world, device, run):
         seeds = evaluate.env_module(cfg["env"]).split_seeds("train", rc["episodes"])[rank::world]
         records, stats = resim.collect(cfg["env"], cfg["env_kwargs"], seeds, tokenizer=tok, aggregate=aggregate,
                                        history_k=cfg["history_k"], system=cfg["system"],
-                                       seed=cfg["seed"] + rank, progress=rank == 0, **rc)
-        records = gather(records, world)
+                                       seed=cfg["seed"], progress=rank == 0, **rc)
+        records = sorted(gather(records, world), key=lambda r: (r["seed"], r["step"]))
         stats = {k: allsum(v, world) for k, v in stats.items()}
         run.log(dict(stage="resim_collect", step=0, **stats))
         if rank == 0:
@@ -295,19 +311,21 @@ def rollout_samples(episodes, advantages, turns_of=lambda ep: ep.turns):
             for t in turns_of(ep)]
 
 
-def rl_update(model, ref, opt, tok, samples, rc, world):
+def rl_update(model, ref, opt, tok, samples, rc, world, bf16=False):
     """Old log-probs fixed before the update, then ppo_epochs passes of clipped-ratio micro-batches."""
     import grpo
     if rc["beta"] == 0:
         samples = [s for s in samples if s[2] != 0.0]   # zero advantage and no KL: no gradient
-    n_tok = allsum(sum(len(s[1]) for s in samples), world)
+    # global normalisers, computed once: a collective inside the loop would hang ranks with fewer chunks
+    n_tok, n_seq = allsum(sum(len(s[1]) for s in samples), world), allsum(len(samples), world)
     if n_tok == 0:
         return {}
     pad, mb = tok.pad_token_id, rc["micro_batch"]
     chunks = [samples[i:i + mb] for i in range(0, len(samples), mb)]
 
     def logps(net, chunk, grad):
-        with torch.set_grad_enabled(grad):
+        dev = next(net.parameters()).device
+        with torch.set_grad_enabled(grad), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
             return grpo.response_logprobs(net, [s[0] for s in chunk], [s[1] for s in chunk], pad)
 
     old = [logps(model, c, False)[0].detach() for c in chunks]
@@ -319,7 +337,7 @@ def rl_update(model, ref, opt, tok, samples, rc, world):
             adv = torch.tensor([s[2] for s in c], device=model_dev)
             loss, st = grpo.policy_loss(logp.float(), o.float(), adv, mask, ref_logp=r, beta=rc["beta"],
                                         clip_low=rc["clip_low"], clip_high=rc["clip_high"], agg=rc["agg"])
-            w = mask.sum().item() / n_tok if rc["agg"] == "token-mean" else len(c) / allsum(len(samples), world)
+            w = mask.sum().item() / n_tok if rc["agg"] == "token-mean" else len(c) / n_seq
             (loss * w).backward()
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"non-finite RL loss {loss.item()}")
@@ -328,15 +346,53 @@ def rl_update(model, ref, opt, tok, samples, rc, world):
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), rc["grad_clip"])
         opt.step()
         opt.zero_grad(set_to_none=True)
-    out = {k: float(np.mean([s[k] for s in stats])) for k in stats[0]}
+    out = {k: float(np.mean([s[k] for s in stats])) for k in (stats[0] if stats else {})}
     out["grad_norm"] = float(gnorm)
     return out
 
 
-def stage_rl(stage, cfg, rank, world, device, run):
+def policy_phase(stage, policy, tok, mod, tasks, cfg, gen):
+    """(B) policy improvement: G plain rollouts per task; GRPO (or RLOO) advantages on outcome return."""
+    import agent
+    import grpo
+    rc = cfg["rl"]
+    seeds = [s for s in tasks for _ in range(rc["group"])]
+    envs = [mod.make_env("train", **cfg["env_kwargs"]) for _ in seeds]
+    eps = agent.run_episodes(policy, tok, envs, seeds, gen_kwargs=gen, history_k=cfg["history_k"],
+                             system=cfg["system"], format_penalty=rc["format_penalty"])
+    adv_fn = grpo.rloo_advantages if stage == "rloo" else grpo.group_advantages
+    adv = adv_fn(torch.tensor([ep.ret for ep in eps]), [ep.seed for ep in eps])
+    return eps, [rollout_samples(eps, adv)], {}
+
+
+def simulation_phase(policy, tok, mod, tasks, cfg, gen):
+    """(A) simulation improvement: per task G/2 SimRollouts (tau', tau'_refine) and G/2 plain rollouts (tau).
+    tau U tau' is one GRPO group; tau'_refine is trained with the binary A_refine."""
     import agent
     import grpo
     import simrollout
+    rc = cfg["rl"]
+    seeds = [s for s in tasks for _ in range(rc["group"] // 2)]
+    envs = [mod.make_env("train", **cfg["env_kwargs"]) for _ in seeds]
+    sim = simrollout.simrollout(policy, tok, envs, seeds, gen_kwargs=gen, d=rc["sim_depth"],
+                                history_k=cfg["history_k"], system=cfg["system"],
+                                format_penalty=rc["format_penalty"])
+    envs = [mod.make_env("train", **cfg["env_kwargs"]) for _ in seeds]
+    plain = agent.run_episodes(policy, tok, envs, seeds, gen_kwargs=gen, history_k=cfg["history_k"],
+                               system=cfg["system"], format_penalty=rc["format_penalty"])
+    group = plain + sim
+    adv = grpo.group_advantages(torch.tensor([ep.ret for ep in group]), [ep.seed for ep in group])
+    mean = lambda eps, s: float(np.mean([e.ret for e in eps if e.seed == s]))   # noqa: E731
+    a_ref = [grpo.a_refine(ep.ret, ep.success, mean(plain, ep.seed), mean(sim, ep.seed)) for ep in sim]
+    samples = [rollout_samples(group, adv), rollout_samples(sim, a_ref, turns_of=lambda ep: ep.refine_turns)]
+    return group, samples, dict(a_refine_mean=float(np.mean(a_ref)),
+                                simrollout_success=float(np.mean([ep.success for ep in sim])))
+
+
+def stage_rl(stage, cfg, rank, world, device, run):
+    """GRPO / RLOO / Dyna-GRPO from a checkpoint. Algorithm 1's schedule: n_T simulation-improvement
+    steps, then n_pi policy-improvement steps, repeated (grpo and rloo: policy improvement only)."""
+    import agent
     import evaluate
     rc = cfg["rl"]
     init = cfg["init_from"] or f"runs/resim_{cfg['env']}/model"
@@ -348,79 +404,40 @@ def stage_rl(stage, cfg, rank, world, device, run):
         if k in saved and saved[k] != cfg[k]:
             print(f"note: using the checkpoint's {k}={saved[k]} (config had {cfg[k]})")
             cfg[k] = saved[k]
-    ref = None
-    if rc["beta"] > 0:
-        ref = copy.deepcopy(model).eval().requires_grad_(False)
+    ref = copy.deepcopy(model).eval().requires_grad_(False) if rc["beta"] > 0 else None
     opt = torch.optim.AdamW(model.parameters(), lr=rc["lr"], betas=(0.9, 0.95), weight_decay=0.0)
-    mod, G = evaluate.env_module(cfg["env"]), rc["group"]
-    gen = dict(max_new_tokens=cfg["max_new_tokens"], temperature=rc["temperature"])
-    cursor = rc["task_start"]
-    # Algorithm 1's schedule: n_T simulation-improvement steps, then n_pi policy-improvement steps
+    mod, policy = evaluate.env_module(cfg["env"]), inference_copy(model, cfg)
     phases = (["sim"] * rc["n_T"] + ["pi"] * rc["n_pi"]) if stage == "dyna_grpo" else ["pi"]
-    bar = tqdm(range(rc["steps"]), desc=stage, disable=rank != 0)
-    for step in bar:
-        phase = phases[step % len(phases)]
-        tasks = mod.split_seeds("train", rc["tasks"] * world, start=cursor)[rank::world]
-        cursor += rc["tasks"] * world
-        t0 = time.time()
-        gen["seed"] = cfg["seed"] * 100003 + step * 1009 + rank
-        model.eval()
-        if phase == "pi":
-            seeds = [s for s in tasks for _ in range(G)]
-            envs = [mod.make_env("train", **cfg["env_kwargs"]) for _ in seeds]
-            eps = agent.run_episodes(model, tok, envs, seeds, gen_kwargs=gen, history_k=cfg["history_k"],
-                                     system=cfg["system"])
-            for ep in eps:
-                ep.ret = agent.episode_return(ep.steps, ep.success, sum(not t.valid for t in ep.turns),
-                                              rc["format_penalty"])
-            rets = torch.tensor([ep.ret for ep in eps])
-            adv_fn = grpo.rloo_advantages if stage == "rloo" else grpo.group_advantages
-            adv = adv_fn(rets, [ep.seed for ep in eps])
-            batches = [rollout_samples(eps, adv)]
-            all_eps, refine_eps = eps, []
+    for step in tqdm(range(rc["steps"]), desc=stage, disable=rank != 0):
+        phase, t0 = phases[step % len(phases)], time.time()
+        start = rc["task_start"] + step * rc["tasks"] * world          # fresh train tasks every step
+        tasks = mod.split_seeds("train", rc["tasks"] * world, start=start)[rank::world]
+        gen = dict(max_new_tokens=cfg["max_new_tokens"], temperature=rc["temperature"],
+                   seed=cfg["seed"] * 100003 + step * 1009 + rank)
+        policy = inference_copy(model, cfg, into=policy)
+        if phase == "sim":
+            eps, batches, extra = simulation_phase(policy, tok, mod, tasks, cfg, gen)
         else:
-            seeds = [s for s in tasks for _ in range(G // 2)]
-            envs = [mod.make_env("train", **cfg["env_kwargs"]) for _ in seeds]
-            sim = simrollout.simrollout(model, tok, envs, seeds, gen_kwargs=gen, d=rc["sim_depth"],
-                                        history_k=cfg["history_k"], system=cfg["system"],
-                                        format_penalty=rc["format_penalty"])
-            envs = [mod.make_env("train", **cfg["env_kwargs"]) for _ in seeds]
-            plain = agent.run_episodes(model, tok, envs, seeds, gen_kwargs=gen, history_k=cfg["history_k"],
-                                       system=cfg["system"])
-            for ep in plain:
-                ep.ret = agent.episode_return(ep.steps, ep.success, sum(not t.valid for t in ep.turns),
-                                              rc["format_penalty"])
-            group = plain + sim      # tau U tau': one GRPO group of size G per task
-            adv = grpo.group_advantages(torch.tensor([ep.ret for ep in group]), [ep.seed for ep in group])
-            a_ref = []
-            for ep in sim:           # A_refine against this task's two group means
-                mp = np.mean([p.ret for p in plain if p.seed == ep.seed])
-                ms = np.mean([q.ret for q in sim if q.seed == ep.seed])
-                a_ref.append(grpo.a_refine(ep.ret, ep.success, mp, ms))
-            batches = [rollout_samples(group, adv),
-                       rollout_samples(sim, a_ref, turns_of=lambda ep: ep.refine_turns)]
-            all_eps, refine_eps = group, sim
+            eps, batches, extra = policy_phase(stage, policy, tok, mod, tasks, cfg, gen)
         t_roll = time.time() - t0
-        model.train()
         upd = {}
-        for i, samples in enumerate(batches):
-            st = rl_update(model, ref, opt, tok, samples, rc, world)
+        for i, samples in enumerate(batches):      # sim phase: two updates, as Algorithm 1 lists them
+            st = rl_update(model, ref, opt, tok, samples, rc, world, cfg["bf16"])
             upd.update({(f"refine_{k}" if i else k): v for k, v in st.items()})
-        model.eval()
-        rows = gather([(ep.seed, ep.ret, ep.success, np.mean([len(t.response_ids) for t in ep.turns] or [0]))
-                       for ep in all_eps], world)
-        rets = torch.tensor([r[1] for r in rows])
-        gids = [r[0] for r in rows]
-        zero_var = float(np.mean([float(torch.tensor([r for r, g in zip(rets, gids) if g == s]).std() == 0)
-                                  for s in set(gids)]))
-        rec = dict(stage=f"rl_{stage}", step=step + 1, phase=phase, success=float(np.mean([r[2] for r in rows])),
-                   ret=float(rets.mean()), response_tokens=float(np.mean([r[3] for r in rows])),
-                   zero_var_groups=zero_var, rollout_s=t_roll, step_s=time.time() - t0, **upd)
-        if refine_eps:
-            rec["a_refine_mean"] = float(np.mean(a_ref))
-            rec["simrollout_success"] = float(np.mean([ep.success for ep in refine_eps]))
+        rows = gather([(ep.seed, ep.ret, ep.success, float(np.mean([len(t.response_ids) for t in ep.turns])))
+                       for ep in eps], world)
+        by_task = {}
+        for seed, ret, _, _ in rows:
+            by_task.setdefault(seed, []).append(ret)
+        rec = dict(stage=f"rl_{stage}", step=step + 1, phase=phase,
+                   success=float(np.mean([r[2] for r in rows])), ret=float(np.mean([r[1] for r in rows])),
+                   response_tokens=float(np.mean([r[3] for r in rows])),
+                   zero_var_groups=float(np.mean([np.ptp(v) == 0 for v in by_task.values()])),
+                   rollout_s=t_roll, step_s=time.time() - t0, **extra, **upd)
         run.log(rec)
-        bar.set_postfix(success=f"{rec['success']:.2f}", ret=f"{rec['ret']:.2f}")
+        if rank == 0:
+            tqdm.write(f"{stage} step {step + 1} ({phase}): success {rec['success']:.2f} return {rec['ret']:.2f} "
+                       f"tokens {rec['response_tokens']:.0f} ({rec['step_s']:.0f} s)")
         if rc["save_every"] and (step + 1) % rc["save_every"] == 0:
             run.save_model(model, tok, cfg)
     run.save_model(model, tok, cfg)

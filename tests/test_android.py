@@ -373,3 +373,14 @@ def test_adapter_needs_android_world():
         pass
     with pytest.raises(ImportError, match="not on PyPI"):
         A.AndroidWorldEnv(FakeAsyncEnv(), FakeTask)
+
+
+def test_compact_screens_are_shorter_and_still_solvable():
+    seeds = A.split_seeds("train", 6)
+    for s in seeds:
+        full, short = A.make_env("train"), A.make_env("train", compact=True)
+        a, b = full.reset(s), short.reset(s)
+        assert len(b) * 3 < len(a) and len(a.splitlines()) == len(b.splitlines())
+        for act_ in short.expert_plan():
+            short.step(act_)
+        assert short.success

@@ -110,3 +110,12 @@ def test_sft_learns_the_response_and_ignores_the_prompt():
         after = -grpo.sft_loss(*grpo.response_logprobs(model, [p for p, _ in pairs[:1]],
                                                         [q for _, q in pairs[:1]], tok.pad_token_id)).item()
     assert after > before + 1.0
+
+
+def test_summary_reports_success_by_optimal_length():
+    rows = [dict(success=s, steps=1, ret=0.0, invalid=0.0, tokens=1.0, sim=0.0, task_type=None, optimal=o)
+            for s, o in [(True, 1), (False, 1), (True, 3), (False, 7), (False, 9)]]
+    m = evaluate.summarize(rows)
+    assert m["success"] == 0.4 and m["success_by_length"] == {"1": 0.5, "2-4": 1.0, "5+": 0.0}
+    lo, hi = m["success_ci95"]
+    assert lo < 0.4 < hi
