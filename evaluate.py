@@ -169,7 +169,7 @@ def main():
     env_name = args.env or saved.get("env", "sokoban")
     history_k = args.history_k if args.history_k is not None else saved.get("history_k", 0)
     system = bool(args.system) if args.system is not None else saved.get("system", args.model != "tiny")
-    max_new = args.max_new_tokens or saved.get("max_new_tokens", 512)
+    max_new = args.max_new_tokens or saved.get("max_new_tokens", 320)
     env_kwargs = saved.get("env_kwargs", {}) if saved.get("env") == env_name else {}
     t0 = time.time()
     model, tok = agent.load_model(args.model)

@@ -21,6 +21,7 @@ from tqdm import tqdm
 import agent
 import grpo
 import search_tree
+import simrollout
 from evaluate import env_module
 
 
@@ -57,8 +58,23 @@ def llm_aggregator(model, tokenizer, max_new_tokens=96):
     return aggregate
 
 
-def resim_episode(env, seed, *, b, d, b_train, act, value, aggregate, rng, tokenizer, history_k, system):
-    """Run Algorithm 3 on one episode. Returns (records, success); one record per real step."""
+def refinement_example(env, history, obs, plans, tree, *, tokenizer, history_k, system):
+    """A SimRollout-format example from the same real tree: the "previous answer" prefers a worse rollout,
+    the prompt shows that rollout's real future states, and the target is the ReSim trace. A pretrained LLM
+    can follow a refinement prompt zero-shot; a model trained from scratch has never seen one, so without
+    these its SimRollout answers are unreadable and A_refine never fires."""
+    alt = tree[1]
+    worse = [agent.Plan(list(alt.actions), list(alt.observations), round(alt.value, 2)), plans[0]]
+    previous = agent.format_response(worse, best=0, action=alt.actions[0])
+    futures = list(zip(alt.actions, alt.observations))
+    return simrollout.refinement_messages(tokenizer, env, history, obs, previous, futures,
+                                          history_k=history_k, system=system)
+
+
+def resim_episode(env, seed, *, b, d, b_train, act, value, aggregate, rng, tokenizer, history_k, system,
+                  refine_frac=0.0):
+    """Run Algorithm 3 on one episode. Returns (records, success); one record per real step, plus a
+    refinement-format record (kind "refine") for a `refine_frac` share of steps."""
     obs, history, records = env.reset(seed), [], []
     while not env.done:
         tree = search_tree.best_first(search_tree.expand(env, b=b, d=d, act=act, value=value, rng=rng))
@@ -69,18 +85,21 @@ def resim_episode(env, seed, *, b, d, b_train, act, value, aggregate, rng, token
         plans = [agent.Plan(list(r.actions), list(r.observations), round(r.value, 2)) for r in keep]
         response = aggregate(plans, obs)
         action = plans[0].actions[0]
-        records.append(dict(
-            env=env.name, seed=int(seed), step=len(history), task=env.task,
-            prompt=agent.build_prompt(tokenizer, env, history, obs, history_k=history_k, system=system),
-            response=response, action=action, prefix=[a for a, _ in history],
-            metadata=dict(tree_size=len(tree), values=[r.value for r in tree])))
+        rec = dict(env=env.name, seed=int(seed), step=len(history), task=env.task, kind="resim",
+                   prompt=agent.build_prompt(tokenizer, env, history, obs, history_k=history_k, system=system),
+                   response=response, action=action, prefix=[a for a, _ in history],
+                   metadata=dict(tree_size=len(tree), values=[r.value for r in tree]))
+        records.append(rec)
+        if len(tree) > 1 and rng.random() < refine_frac:
+            records.append(dict(rec, kind="refine", prompt=refinement_example(
+                env, history, obs, plans, tree, tokenizer=tokenizer, history_k=history_k, system=system)))
         obs, _, _, _ = env.step(action)
         history.append((action, obs))
     return records, bool(env.success)
 
 
 def collect(env_name, env_kwargs, seeds, *, tokenizer, aggregate, b=4, d=2, b_train=2, rollout="expert", eps=0.25,
-            value="expert", gamma=0.9, history_k=0, system=True, seed=0, progress=True, **_):
+            value="expert", gamma=0.9, refine_frac=0.0, history_k=0, system=True, seed=0, progress=True, **_):
     """ReSim data for many train-split episodes; keeps successful ones only. Returns (records, stats)."""
     env = env_module(env_name).make_env("train", **env_kwargs)
     act = search_tree.make_policy(rollout, eps=eps)
@@ -89,11 +108,13 @@ def collect(env_name, env_kwargs, seeds, *, tokenizer, aggregate, b=4, d=2, b_tr
     for s in tqdm(seeds, desc="ReSim trees", disable=not progress):
         rng = np.random.default_rng([seed, s])   # per episode: the same trees however seeds are sharded
         recs, ok = resim_episode(env, s, b=b, d=d, b_train=b_train, act=act, value=val, aggregate=aggregate,
-                                 rng=rng, tokenizer=tokenizer, history_k=history_k, system=system)
+                                 rng=rng, tokenizer=tokenizer, history_k=history_k, system=system,
+                                 refine_frac=refine_frac)
         solved += ok
         if ok:
             records += [dict(r, env_kwargs=env_kwargs) for r in recs]
-    stats = dict(episodes=len(seeds), solved=solved, steps=len(records), seconds=time.time() - t0)
+    stats = dict(episodes=len(seeds), solved=solved, steps=sum(r["kind"] == "resim" for r in records),
+                 refine_examples=sum(r["kind"] == "refine" for r in records), seconds=time.time() - t0)
     return records, stats
 
 
@@ -123,9 +144,12 @@ def verify(records):
 # ---- distillation (SFT) -----------------------------------------------------------------------------
 
 def encode(tokenizer, records, action_only=False):
-    """(prompt_ids, response_ids) pairs. action_only is the ablation: the same states, no simulation."""
+    """(prompt_ids, response_ids) pairs. action_only is the ablation: the same states, no simulation
+    (and no refinement examples, which only exist to read simulations)."""
     out = []
     for r in records:
+        if action_only and r.get("kind") == "refine":
+            continue
         resp = f"<action>{r['action']}</action>" if action_only else r["response"]
         p = tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]
         q = tokenizer(resp, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]

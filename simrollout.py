@@ -16,9 +16,7 @@ from dataclasses import dataclass, field
 
 import agent
 
-REFINE = ("Here is what really happens when your plan is executed in the environment, step by step:\n"
-          "{futures}\n\nUse these real future states to write an improved response in the same format: "
-          "fix the imagined states, compare the plans again and choose the best next action.")
+REFINE = "Real states after your plan:\n{futures}\nWrite an improved answer."   # short: byte-level models pay per char
 
 
 def real_futures(env, actions):

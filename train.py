@@ -42,9 +42,9 @@ DEFAULTS = {
     "history_k": 0,               # (action, observation) pairs shown; Sokoban is Markov
     "system": False,              # system prompt: rules and format text (off for a from-scratch model)
     "max_new_tokens": 320,
-    "resim": {"episodes": 8000, "b": 4, "d": 1, "b_train": 2, "rollout": "expert", "eps": 0.3,
-              "value": "expert", "gamma": 0.9, "aggregator": "template", "aggregator_model": "",
-              "action_only": False, "reuse_traces": True},
+    "resim": {"episodes": 7000, "b": 4, "d": 1, "b_train": 2, "rollout": "expert", "eps": 0.3,
+              "value": "expert", "gamma": 0.9, "refine_frac": 0.15, "aggregator": "template",
+              "aggregator_model": "", "action_only": False, "reuse_traces": True},
     "sft": {"epochs": 1, "batch_size": 16, "micro_batch": 16, "lr": 2e-3, "warmup": 0.05,
             "weight_decay": 0.0, "grad_clip": 1.0},
     "rl": {"steps": 20, "tasks": 4, "group": 8, "lr": 1e-4, "ppo_epochs": 1, "micro_batch": 16,
@@ -284,8 +284,8 @@ def stage_resim(cfg, rank, world, device, run):
         stats = {k: allsum(v, world) for k, v in stats.items()}
         run.log(dict(stage="resim_collect", step=0, **stats))
         if rank == 0:
-            print(f"ReSim: {stats['solved']:.0f}/{stats['episodes']:.0f} episodes solved, "
-                  f"{len(records)} steps kept, {stats['seconds']:.0f} s")
+            print(f"ReSim: {stats['solved']:.0f}/{stats['episodes']:.0f} episodes solved, {stats['steps']:.0f} steps "
+                  f"kept (+{stats['refine_examples']:.0f} refinement examples), {stats['seconds']:.0f} s")
             with open(traces, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in records)
             (run.dir / "traces.key").write_text(key)

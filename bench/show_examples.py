@@ -1,7 +1,7 @@
 """Print the README's worked examples from real runs: a ReSim search tree, the trace built from it, and a
 SimRollout refinement prompt written by a trained model.
 
-    python bench/show_examples.py --seed-index 3 --model runs/resim_sokoban/model
+    python bench/show_examples.py --seed-index 1 --model runs/resim_sokoban/model
 """
 import argparse
 import os
@@ -19,15 +19,16 @@ import sokoban  # noqa: E402
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--seed-index", type=int, default=3)
+    ap.add_argument("--seed-index", type=int, default=1)
+    ap.add_argument("--d", type=int, default=1, help="rollout depth (the default config uses 1)")
     ap.add_argument("--model", default=None, help="a trained model directory for the refinement example")
     args = ap.parse_args()
     env = sokoban.make_env("train")
     seed = sokoban.split_seeds("train", args.seed_index + 1)[-1]
-    print(f"== ReSim search tree from train seed {seed} (b=4, d=2, expert rollouts eps=0.3, expert value)")
+    print(f"== ReSim search tree from train seed {seed} (b=4, d={args.d}, expert rollouts eps=0.3, expert value)")
     print(env.reset(seed))
     tree = search_tree.best_first(search_tree.expand(
-        env, b=4, d=2, act=search_tree.expert_policy(0.3), value=search_tree.expert_value(0.9),
+        env, b=4, d=args.d, act=search_tree.expert_policy(0.3), value=search_tree.expert_value(0.9),
         rng=np.random.default_rng(0)))
     for k, r in enumerate(tree, 1):
         print(f"rollout {k}: {r.actions} value {r.value:.2f}")

@@ -119,3 +119,19 @@ def test_summary_reports_success_by_optimal_length():
     assert m["success"] == 0.4 and m["success_by_length"] == {"1": 0.5, "2-4": 1.0, "5+": 0.0}
     lo, hi = m["success_ci95"]
     assert lo < 0.4 < hi
+
+
+def test_llm_aggregator_never_changes_plans_states_or_action():
+    model, tok = agent.load_model("tiny", hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  num_key_value_heads=2, intermediate_size=64)
+    recs, _, _ = _collect(2, b=4, d=2, b_train=2)
+    aggregate = resim.llm_aggregator(model, tok, max_new_tokens=24)
+    for r in recs:
+        base = agent.parse_response(r["response"])
+        out = aggregate(base.plans, "state")
+        p = agent.parse_response(out)
+        assert (p.plans, p.best, p.action) == (base.plans, base.best, base.action)
+        lines, base_lines = out.splitlines(), r["response"].splitlines()
+        if len(lines) != len(base_lines):     # at most one comparison line, right before "Best:"
+            k = next(i for i, line in enumerate(lines) if line.startswith("Best:"))
+            assert lines[:k - 1] + lines[k:] == base_lines
