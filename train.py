@@ -19,6 +19,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -27,6 +28,12 @@ import numpy as np
 import torch
 import yaml
 from tqdm import tqdm
+
+import agent
+import evaluate
+import grpo
+import resim
+import simrollout
 
 DEFAULTS = {
     "env": "sokoban",
@@ -47,7 +54,7 @@ DEFAULTS = {
               "aggregator_model": "", "action_only": False, "reuse_traces": True},
     "sft": {"epochs": 1, "batch_size": 16, "micro_batch": 16, "lr": 2e-3, "warmup": 0.05,
             "weight_decay": 0.0, "grad_clip": 1.0},
-    "rl": {"steps": 20, "tasks": 4, "group": 8, "lr": 1e-4, "ppo_epochs": 1, "micro_batch": 16,
+    "rl": {"steps": 12, "tasks": 4, "group": 8, "lr": 1e-4, "ppo_epochs": 1, "micro_batch": 16,
            "clip_low": 0.2, "clip_high": 0.28, "beta": 0.0, "agg": "token-mean", "temperature": 1.0,
            "n_T": 1, "n_pi": 1, "sim_depth": 5, "format_penalty": 0.0, "grad_clip": 1.0,
            "task_start": 100000, "save_every": 5},
@@ -177,18 +184,16 @@ class Run:
         """save_pretrained into a temporary directory, then rename: a killed run never leaves half a model."""
         if self.rank != 0:
             return
-        final, tmp = self.dir / name, self.dir / f".{name}.tmp"
-        if tmp.exists():
-            import shutil
-            shutil.rmtree(tmp)
+        final, tmp, old = self.dir / name, self.dir / f".{name}.tmp", self.dir / f".{name}.old"
+        shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         settings = {k: cfg[k] for k in ("env", "env_kwargs", "history_k", "system", "max_new_tokens")}
         (tmp / "dynamind.json").write_text(json.dumps(settings, indent=1))
         if final.exists():
-            import shutil
-            shutil.rmtree(final)
+            final.rename(old)
         tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
 
     def plot(self):
         if self.rank != 0:
@@ -226,7 +231,6 @@ def inference_copy(model, cfg, into=None):
 
 def evaluate_splits(model, tok, cfg, rank, world, run, tag):
     """ID and OOD test splits, sharded over ranks; rank 0 prints and writes eval.json."""
-    import evaluate
     mod, results = evaluate.env_module(cfg["env"]), {}
     model = inference_copy(model, cfg)
     for split in ("id", "ood"):
@@ -254,9 +258,6 @@ def evaluate_splits(model, tok, cfg, rank, world, run, tag):
 # ---- stage 1: ReSim ---------------------------------------------------------------------------------
 
 def stage_resim(cfg, rank, world, device, run):
-    import agent
-    import resim
-    import evaluate
     torch.manual_seed(cfg["seed"])
     model, tok = agent.load_model(cfg["model"], device=device, **(cfg["tiny"] if cfg["model"] == "tiny" else {}))
     rc = cfg["resim"]
@@ -313,7 +314,6 @@ def rollout_samples(episodes, advantages, turns_of=lambda ep: ep.turns):
 
 def rl_update(model, ref, opt, tok, samples, rc, world, bf16=False):
     """Old log-probs fixed before the update, then ppo_epochs passes of clipped-ratio micro-batches."""
-    import grpo
     if rc["beta"] == 0:
         samples = [s for s in samples if s[2] != 0.0]   # zero advantage and no KL: no gradient
     # global normalisers, computed once: a collective inside the loop would hang ranks with fewer chunks
@@ -353,8 +353,6 @@ def rl_update(model, ref, opt, tok, samples, rc, world, bf16=False):
 
 def policy_phase(stage, policy, tok, mod, tasks, cfg, gen):
     """(B) policy improvement: G plain rollouts per task; GRPO (or RLOO) advantages on outcome return."""
-    import agent
-    import grpo
     rc = cfg["rl"]
     seeds = [s for s in tasks for _ in range(rc["group"])]
     envs = [mod.make_env("train", **cfg["env_kwargs"]) for _ in seeds]
@@ -368,9 +366,6 @@ def policy_phase(stage, policy, tok, mod, tasks, cfg, gen):
 def simulation_phase(policy, tok, mod, tasks, cfg, gen):
     """(A) simulation improvement: per task G/2 SimRollouts (tau', tau'_refine) and G/2 plain rollouts (tau).
     tau U tau' is one GRPO group; tau'_refine is trained with the binary A_refine."""
-    import agent
-    import grpo
-    import simrollout
     rc = cfg["rl"]
     seeds = [s for s in tasks for _ in range(rc["group"] // 2)]
     envs = [mod.make_env("train", **cfg["env_kwargs"]) for _ in seeds]
@@ -392,8 +387,6 @@ def simulation_phase(policy, tok, mod, tasks, cfg, gen):
 def stage_rl(stage, cfg, rank, world, device, run):
     """GRPO / RLOO / Dyna-GRPO from a checkpoint. Algorithm 1's schedule: n_T simulation-improvement
     steps, then n_pi policy-improvement steps, repeated (grpo and rloo: policy improvement only)."""
-    import agent
-    import evaluate
     rc = cfg["rl"]
     init = cfg["init_from"] or f"runs/resim_{cfg['env']}/model"
     if not os.path.isdir(init):
@@ -454,7 +447,6 @@ def main(argv=None):
         cfg = load_config(args.config, args.overrides)
     except (ValueError, OSError, yaml.YAMLError) as e:
         raise SystemExit(f"config error: {e}")
-    import evaluate
     evaluate.env_module(cfg["env"])      # an unknown env fails here, before any work
     rank, world, device = setup_dist(cfg)
     torch.manual_seed(cfg["seed"] + rank)
