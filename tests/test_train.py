@@ -65,3 +65,19 @@ def test_rl_stage_smoke(resim_run, tmp_path, stage):
     if stage == "dyna_grpo":
         assert [r["phase"] for r in steps] == ["sim", "pi"] and "a_refine_mean" in steps[0]
     assert (tmp_path / "model" / "config.json").exists()
+
+
+@pytest.mark.parametrize("config", ["configs/alfworld.yaml", "configs/android.yaml"])
+def test_resim_and_dyna_grpo_run_on_the_other_envs(tmp_path, config):
+    small = TINY[:-3] + ["eval.id=1", "eval.ood=1"]
+    kw = "{max_steps: %d}" if "android" in config else "{max_steps: %d, expert: planner}"
+    # ReSim keeps solved episodes only, so its episodes need room for the expert; RL then plays 3 steps
+    train.main(["--stage", "resim", "--config", config, f"out_dir={tmp_path / 'r'}", "resim.episodes=2",
+                "resim.b=2", "sft.epochs=1", "sft.batch_size=1", "sft.micro_batch=1", f"env_kwargs={kw % 30}",
+                "eval.id=0", "eval.ood=0"] + small[:-2])
+    assert (tmp_path / "r" / "traces.jsonl").read_text().strip()
+    train.main(["--stage", "dyna_grpo", "--config", config, f"out_dir={tmp_path / 'd'}",
+                f"init_from={tmp_path / 'r' / 'model'}", "rl.steps=1", "rl.tasks=1", "rl.group=2",
+                "rl.micro_batch=2", f"env_kwargs={kw % 3}"] + small)
+    recs = [json.loads(x) for x in (tmp_path / "d" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in recs if r["stage"] == "rl_dyna_grpo"] == ["sim"]
