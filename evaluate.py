@@ -18,6 +18,7 @@ import time
 import numpy as np
 
 import agent
+import simrollout
 
 ENV_MODULES = {"sokoban": "sokoban", "alfworld": "alfworld_env", "android": "android_env"}
 
@@ -37,20 +38,14 @@ def wilson(k, n, z=1.96):
     return max(0.0, c - h), min(1.0, c + h)
 
 
-def plan_similarity(env, plan, action):
-    """Execute `plan` from env's current state in a branch; mean similarity of imagined vs real states.
-    Returns (score, [(action, imagined, real)]); the env is restored."""
+def plan_similarity(env, plan):
+    """Execute `plan` from env's current state in a branch; mean similarity of imagined vs real states
+    (missing imagined states score 0). Returns (score, [(action, imagined, real)]); the env is restored."""
     if plan is None or not plan.actions:
         return 0.0, []
-    root, pairs, total = env.get_state(), [], 0.0
-    for i, a in enumerate(plan.actions):
-        if env.done:
-            break
-        real, _, _, _ = env.step(a)
-        imagined = plan.states[i] if i < len(plan.states) else ""
-        total += env.state_similarity(imagined, real) if imagined.strip() else 0.0
-        pairs.append((a, imagined, real))
-    env.set_state(root)
+    pairs = [(a, plan.states[i] if i < len(plan.states) else "", real)
+             for i, (a, real) in enumerate(simrollout.real_futures(env, plan.actions))]
+    total = sum(env.state_similarity(im, real) if im.strip() else 0.0 for _, im, real in pairs)
     return total / len(plan.actions), pairs
 
 
@@ -60,7 +55,7 @@ def replay(env, episode, show=False):
     scores, lines = [], []
     for t, turn in enumerate(episode.turns):
         parsed = agent.parse_response(turn.text)
-        s, pairs = plan_similarity(env, parsed.chosen_plan(), parsed.action)
+        s, pairs = plan_similarity(env, parsed.chosen_plan())
         scores.append(s)
         if show:
             lines.append(f"--- step {t}: action {turn.action!r}, simulation {s:.2f}")
@@ -169,7 +164,7 @@ def main():
     env_name = args.env or saved.get("env", "sokoban")
     history_k = args.history_k if args.history_k is not None else saved.get("history_k", 0)
     system = bool(args.system) if args.system is not None else saved.get("system", args.model != "tiny")
-    max_new = args.max_new_tokens or saved.get("max_new_tokens", 320)
+    max_new = args.max_new_tokens or saved.get("max_new_tokens", 256)   # a d=1 Sokoban trace is ~190
     env_kwargs = saved.get("env_kwargs", {}) if saved.get("env") == env_name else {}
     t0 = time.time()
     model, tok = agent.load_model(args.model)
