@@ -195,7 +195,7 @@ def problem_pddl(p):
     q = p["params"]
     goal = G.gdict[p["task_type"]]["pddl"].format(obj=q["object_target"], recep=q["parent_target"],
                                                   toggle=q["toggle_target"], mrecep="")
-    body = (f"(define (problem plan_dynamind)\n(:domain alfred)\n(:objects\n    "
+    body = ("(define (problem plan_dynamind)\n(:domain alfred)\n(:objects\n    "
             + "\n    ".join(decl) + "\n)\n(:init\n    " + "\n    ".join(init) + "\n)\n")
     return _pddl_name(body) + _pddl_name(goal.strip()) + "\n"
 

@@ -13,6 +13,7 @@ import argparse
 import importlib
 import json
 import math
+import os
 import time
 
 import numpy as np
@@ -137,7 +138,6 @@ def format_table(results):
 
 def prompt_settings(model_name):
     """Prompt settings a trained checkpoint was trained with (dynamind.json beside the weights)."""
-    import os
     path = os.path.join(model_name, "dynamind.json")
     if os.path.isfile(path):
         with open(path) as f:

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+import agent
+
 
 @dataclass
 class Rollout:
@@ -73,7 +75,6 @@ def expert_policy(eps):
 
 def llm_policy(model, tokenizer, *, history_k=0, system=True, temperature=1.0, max_new_tokens=256):
     """The current model as the rollout policy (one generate call per step; for GPU runs)."""
-    import agent
 
     def act(env, rng):
         prompt = agent.build_prompt(tokenizer, env, [], env.render(), history_k=history_k, system=system)
@@ -116,7 +117,6 @@ JUDGE = ("Rate how close this state is to completing the task, from 0 (hopeless)
 
 def llm_value(model, tokenizer, max_new_tokens=8):
     """A prompted judge; an answer that is not a number in [0, 1] counts as 0."""
-    import agent
 
     def value(env):
         msgs = [{"role": "user", "content": JUDGE.format(task=env.task, obs=env.render())}]
