@@ -170,10 +170,12 @@ def batches(pairs, batch_size, rng):
 
 def sft(model, tokenizer, pairs, *, epochs=1, batch_size=32, micro_batch=16, lr=1e-3, warmup=0.05,
         weight_decay=0.0, grad_clip=1.0, bf16=True, seed=0, rank=0, world=1, log=None, progress=True,
-        allreduce=lambda: None, allsum=lambda x: x):
+        allreduce=lambda: None, allsum=lambda x: x, start_step=0, restore=None, on_step=None):
     """Response-only next-token loss; AdamW, warm-up + cosine; bf16 autocast; gradient accumulation.
     Every rank draws the same batches and takes its slice; gradients are summed over ranks once per step
-    (`allreduce`), normalised by the global number of response tokens, so N ranks = one process, N x batch."""
+    (`allreduce`), normalised by the global number of response tokens, so N ranks = one process, N x batch.
+    Resume: `restore(opt, sched)` loads a checkpoint and the first `start_step` batches of the same
+    seeded plan are skipped; `on_step(step, opt, sched)` runs after every update (checkpoints, Ctrl-C)."""
     from transformers import get_cosine_schedule_with_warmup
     dev = next(model.parameters()).device
     rng = np.random.default_rng(seed)
@@ -183,10 +185,12 @@ def sft(model, tokenizer, pairs, *, epochs=1, batch_size=32, micro_batch=16, lr=
         raise ValueError(f"no SFT batch: {len(pairs)} examples < batch_size {batch_size} x world {world}")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
     sched = get_cosine_schedule_with_warmup(opt, math.ceil(warmup * total), total)
+    if restore:
+        restore(opt, sched)
     model.train()
-    bar = tqdm(total=total, desc="SFT", disable=not progress)
-    step, t0, ntok = 0, time.time(), 0
-    for gb in (b for ep in plan for b in ep):
+    bar = tqdm(total=total, initial=start_step, desc="SFT", disable=not progress)
+    step, t0, ntok = start_step, time.time(), 0
+    for gb in [b for ep in plan for b in ep][start_step:]:
         mine = gb[rank::world]
         n_resp = allsum(sum(len(pairs[i][1]) for i in mine))
         loss_sum = 0.0
@@ -213,6 +217,8 @@ def sft(model, tokenizer, pairs, *, epochs=1, batch_size=32, micro_batch=16, lr=
                      tokens_per_s=allsum(ntok) / (time.time() - t0)))
         bar.update(1)
         bar.set_postfix(loss=f"{loss_sum:.3f}")
+        if on_step:
+            on_step(step, opt, sched)
     bar.close()
     model.eval()
     return step

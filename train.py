@@ -19,7 +19,9 @@ import copy
 import json
 import math
 import os
+import random
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -45,6 +47,8 @@ DEFAULTS = {
     "out_dir": "",                # default: runs/<stage>_<env>
     "seed": 0,
     "device": "auto",             # auto | cpu | cuda
+    "dist": "ddp",                # ddp: full model per rank | fsdp: FSDP2 fully_shard (torchrun, N > 1)
+    "checkpoint_minutes": 10.0,   # training state saved at most this often (and on Ctrl-C / SIGTERM)
     "bf16": True,                 # autocast to bfloat16 (CPU AMX or GPU)
     "history_k": 0,               # (action, observation) pairs shown; Sokoban is Markov
     "system": False,              # system prompt: rules and format text (off for a from-scratch model)
@@ -57,7 +61,7 @@ DEFAULTS = {
     "rl": {"steps": 12, "tasks": 4, "group": 8, "lr": 1e-4, "ppo_epochs": 1, "micro_batch": 16,
            "clip_low": 0.2, "clip_high": 0.28, "beta": 0.0, "agg": "token-mean", "temperature": 1.0,
            "n_T": 1, "n_pi": 1, "sim_depth": 5, "format_penalty": 0.0, "grad_clip": 1.0,
-           "task_start": 100000, "save_every": 5},
+           "task_start": 100000},
     "eval": {"id": 200, "ood": 100, "temperature": 0.0, "batch": 256},
 }
 STAGES = ("resim", "grpo", "rloo", "dyna_grpo")
@@ -142,29 +146,74 @@ def gather(obj, world):
 def allreduce_grads(model, world):
     """Sum gradients over ranks once per optimizer step (no sync on accumulation micro-batches, so ranks
     with different numbers of micro-batches never wait on each other)."""
-    if world > 1:
+    if world > 1 and not sharded(model):     # FSDP reduce-scatters in backward
         for p in model.parameters():
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             torch.distributed.all_reduce(p.grad)
 
 
-def allsum(x, world):
+def allsum(x, world, op="sum"):
     if world == 1:
         return x
     t = torch.tensor(float(x))
-    torch.distributed.all_reduce(t)
+    torch.distributed.all_reduce(t, torch.distributed.ReduceOp.MAX if op == "max" else torch.distributed.ReduceOp.SUM)
     return t.item()
+
+
+def shard(model, cfg, world):
+    """FSDP2 for models whose weights, gradients and AdamW state do not fit on one device: every decoder
+    layer, then the root, is fully_shard-ed; bf16 compute, fp32 master weights and gradient reduction."""
+    if cfg["dist"] != "fsdp" or world == 1:
+        return model
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cfg["bf16"] else None, reduce_dtype=torch.float32)
+    for layer in model.model.layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    model.set_gradient_divide_factor(1.0)           # losses are normalised by global counts: sum, not mean
+    model.set_force_sum_reduction_for_comms(True)   # gloo has no PREMUL_SUM
+    return model
+
+
+def sharded(model):
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
+def full_state(model, opt=None, everywhere=False):
+    """Unsharded (model, optimizer) state dicts keyed by parameter name. Under FSDP this is a collective:
+    every rank calls it; with everywhere=False only rank 0 receives the tensors (on CPU)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+    options = StateDictOptions(full_state_dict=True, cpu_offload=not everywhere)
+    if opt is None:
+        return get_model_state_dict(model, options=options), None
+    return get_state_dict(model, opt, options=options)
+
+
+def load_full_state(model, opt, model_state, opt_state):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    set_state_dict(model, opt, model_state_dict=model_state, optim_state_dict=opt_state,
+                   options=StateDictOptions(full_state_dict=True))
 
 
 # ---- run directory, logging, checkpoints --------------------------------------------------------------
 
 class Run:
-    """The run directory: config.yaml, metrics.jsonl, eval.json, model/, curves.png. Rank 0 writes."""
+    """The run directory: run.json (stage), config.yaml, metrics.jsonl, checkpoint.pt, model/, eval.json,
+    curves.png. Rank 0 writes. With resume=True it keeps what is there and drops the metrics lines logged
+    after the last checkpoint (the resumed run logs them again)."""
 
-    def __init__(self, out_dir, cfg, rank):
-        self.dir, self.rank = Path(out_dir), rank
-        if rank == 0:
+    def __init__(self, out_dir, cfg, rank, stage, world=1, resume=False):
+        self.dir, self.rank, self.cfg, self.world = Path(out_dir), rank, cfg, world
+        self.ckpt, self.last_save = None, time.time()
+        if resume:
+            self.ckpt = self.load_checkpoint()
+            if rank == 0:
+                lines = (self.dir / "metrics.jsonl").read_text().splitlines(keepends=True)
+                keep = self.ckpt["metrics_lines"] if self.ckpt else 0
+                (self.dir / "metrics.jsonl").write_text("".join(lines[:keep]))
+        elif rank == 0:
             try:
                 self.dir.mkdir(parents=True, exist_ok=True)
                 probe = self.dir / ".write_test"
@@ -172,21 +221,69 @@ class Run:
                 probe.unlink()
             except OSError as e:
                 raise SystemExit(f"run directory {self.dir} is not writable: {e}")
+            (self.dir / "run.json").write_text(json.dumps({"stage": stage}))
             (self.dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
             (self.dir / "metrics.jsonl").write_text("")
+            (self.dir / "checkpoint.pt").unlink(missing_ok=True)
+        self.lines = len((self.dir / "metrics.jsonl").read_text().splitlines()) if rank == 0 else 0
 
     def log(self, rec):
         if self.rank == 0:
             with open(self.dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
+            self.lines += 1
+
+    def save_checkpoint(self, model, opt, sched, phase, step):
+        """Everything needed to continue exactly: weights, AdamW moments, LR schedule, every rank's RNG
+        states and the cursor (phase, step). Written to a temporary file, then renamed over the old one."""
+        msd, osd = full_state(model, opt) if model is not None else (None, None)
+        rngs = gather([rng_state()], self.world)
+        if self.rank == 0:
+            ck = dict(phase=phase, step=step, metrics_lines=self.lines, model=msd, opt=osd, rng=rngs,
+                      sched=sched.state_dict() if sched is not None else None)
+            torch.save(ck, self.dir / ".checkpoint.pt.tmp")
+            os.replace(self.dir / ".checkpoint.pt.tmp", self.dir / "checkpoint.pt")
+        self.last_save = time.time()
+
+    def load_checkpoint(self):
+        path = self.dir / "checkpoint.pt"
+        if not path.exists():
+            return None
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:     # a torn file cannot happen (rename), but a copied/corrupt one can
+            raise SystemExit(f"cannot read checkpoint {path}: {e}")
+
+    def restore(self, model, opt, sched=None):
+        """Load the checkpoint's weights, optimizer, schedule and this rank's RNG states."""
+        ck = self.ckpt
+        load_full_state(model, opt, ck["model"], ck["opt"])
+        if sched is not None:
+            sched.load_state_dict(ck["sched"])
+        if len(ck["rng"]) == self.world:
+            set_rng_state(ck["rng"][self.rank])
+
+    def after_step(self, model, opt, sched, phase, step):
+        """Checkpoint when checkpoint_minutes have passed or a stop signal came (decided together, so all
+        ranks save and stop at the same step); on a signal, exit with a resume hint."""
+        due = time.time() - self.last_save >= 60 * self.cfg["checkpoint_minutes"]
+        stop = allsum(STOP["signal"], self.world, op="max")
+        if allsum(float(due), self.world, op="max") or stop:
+            self.save_checkpoint(model, opt, sched, phase, step)
+        if stop:
+            if self.rank == 0:
+                print(f"\nstopped after {phase} step {step}; checkpoint saved. Continue with:\n"
+                      f"  python train.py --resume {self.dir}", flush=True)
+            raise SystemExit(128 + int(stop))
 
     def save_model(self, model, tokenizer, cfg, name="model"):
         """save_pretrained into a temporary directory, then rename: a killed run never leaves half a model."""
+        state = full_state(model)[0] if sharded(model) else None     # a collective under FSDP
         if self.rank != 0:
             return
         final, tmp, old = self.dir / name, self.dir / f".{name}.tmp", self.dir / f".{name}.old"
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state)
         tokenizer.save_pretrained(tmp)
         settings = {k: cfg[k] for k in ("env", "env_kwargs", "history_k", "system", "max_new_tokens")}
         (tmp / "dynamind.json").write_text(json.dumps(settings, indent=1))
@@ -216,11 +313,46 @@ class Run:
         fig.savefig(self.dir / "curves.png", dpi=80)
 
 
+def rng_state():
+    return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def set_rng_state(st):
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if st["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+STOP = {"signal": 0}
+
+
+def on_signal(signum, frame):
+    """First Ctrl-C (or SIGTERM from torchrun or a scheduler): finish the step, checkpoint, exit.
+    A second Ctrl-C stops at once."""
+    if STOP["signal"] and signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    STOP["signal"] = signum
+    print(f"\nsignal {signum}: stopping after this step with a checkpoint (Ctrl-C again to abort now)",
+          file=sys.stderr, flush=True)
+
+
 # ---- evaluation on held-out splits ------------------------------------------------------------------
 
 def inference_copy(model, cfg, into=None):
     """The weights generation runs on: a bfloat16 copy when bf16 is on (decoding on CPU is ~1.3x faster),
-    refreshed in place with `into` so RL rollouts always use the current policy."""
+    refreshed in place with `into` so RL rollouts always use the current policy. Under FSDP every rank
+    gathers a full copy, so decoding needs no collectives (ranks finish their episodes at different times)."""
+    dtype = torch.bfloat16 if cfg["bf16"] else torch.float32
+    if sharded(model):
+        state = full_state(model, everywhere=True)[0]
+        if into is None:
+            from transformers import AutoModelForCausalLM
+            into = AutoModelForCausalLM.from_config(model.config).to(next(iter(state.values())).device, dtype)
+        into.load_state_dict(state)
+        return into.eval()
     if not cfg["bf16"] or next(model.parameters()).dtype == torch.bfloat16:
         return model
     if into is None:
@@ -257,9 +389,25 @@ def evaluate_splits(model, tok, cfg, rank, world, run, tag):
 
 # ---- stage 1: ReSim ---------------------------------------------------------------------------------
 
+def final_model(run, device):
+    """A resumed run whose training had finished: the saved model, ready for evaluation."""
+    if run.rank == 0:
+        print(f"resuming: training had finished; evaluating {run.dir / 'model'}")
+    return agent.load_model(str(run.dir / "model"), device=device)
+
+
+def resume_note(run, phase):
+    if run.ckpt and run.rank == 0:
+        print(f"resuming from {phase} step {run.ckpt['step']} ({run.dir / 'checkpoint.pt'})")
+
+
 def stage_resim(cfg, rank, world, device, run):
+    ck = run.ckpt
+    if ck and ck["phase"] == "done":
+        return final_model(run, device)
     torch.manual_seed(cfg["seed"])
     model, tok = agent.load_model(cfg["model"], device=device, **(cfg["tiny"] if cfg["model"] == "tiny" else {}))
+    model = shard(model, cfg, world)
     rc = cfg["resim"]
     traces = run.dir / "traces.jsonl"
     key = json.dumps([cfg["env"], cfg["env_kwargs"], cfg["model"], cfg["history_k"], cfg["system"],
@@ -287,8 +435,9 @@ def stage_resim(cfg, rank, world, device, run):
         if rank == 0:
             print(f"ReSim: {stats['solved']:.0f}/{stats['episodes']:.0f} episodes solved, {stats['steps']:.0f} steps "
                   f"kept (+{stats['refine_examples']:.0f} refinement examples), {stats['seconds']:.0f} s")
-            with open(traces, "w") as f:
+            with open(run.dir / ".traces.tmp", "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in records)
+            os.replace(run.dir / ".traces.tmp", traces)      # the key last: a killed write is never reused
             (run.dir / "traces.key").write_text(key)
     pairs = resim.encode(tok, records, action_only=rc["action_only"])
     if rank == 0:
@@ -296,11 +445,16 @@ def stage_resim(cfg, rank, world, device, run):
         print(f"SFT on {len(pairs)} examples ({'action only' if rc['action_only'] else 'ReSim traces'}), "
               f"{n_tok / max(1, len(pairs)):.0f} tokens each")
     t0 = time.time()
-    resim.sft(model, tok, pairs, bf16=cfg["bf16"], seed=cfg["seed"], rank=rank, world=world, log=run.log,
-              progress=rank == 0, allreduce=lambda: allreduce_grads(model, world),
-              allsum=lambda x: allsum(x, world), **cfg["sft"])
+    resume_note(run, "sft")
+    steps = resim.sft(model, tok, pairs, bf16=cfg["bf16"], seed=cfg["seed"], rank=rank, world=world, log=run.log,
+                      progress=rank == 0, allreduce=lambda: allreduce_grads(model, world),
+                      allsum=lambda x: allsum(x, world), start_step=ck["step"] if ck else 0,
+                      restore=(lambda opt, sched: run.restore(model, opt, sched)) if ck else None,
+                      on_step=lambda step, opt, sched: run.after_step(model, opt, sched, "sft", step),
+                      **cfg["sft"])
     run.log(dict(stage="sft_done", step=0, seconds=time.time() - t0))
     run.save_model(model, tok, cfg)
+    run.save_checkpoint(None, None, None, "done", steps)
     return model, tok
 
 
@@ -322,6 +476,10 @@ def rl_update(model, ref, opt, tok, samples, rc, world, bf16=False):
         return {}
     pad, mb = tok.pad_token_id, rc["micro_batch"]
     chunks = [samples[i:i + mb] for i in range(0, len(samples), mb)]
+    real = len(chunks)
+    if sharded(model):   # FSDP forwards/backwards are collectives: pad to the same micro-batch count
+        n = int(allsum(len(chunks), world, op="max"))
+        chunks += [chunks[0] if chunks else [([pad], [pad], 0.0)]] * (n - len(chunks))
 
     def logps(net, chunk, grad):
         dev = next(net.parameters()).device
@@ -332,8 +490,11 @@ def rl_update(model, ref, opt, tok, samples, rc, world, bf16=False):
     refs = [logps(ref, c, False)[0] for c in chunks] if ref is not None else [None] * len(chunks)
     stats, model_dev = [], next(model.parameters()).device
     for _ in range(rc["ppo_epochs"]):
-        for c, o, r in zip(chunks, old, refs):
+        for i, (c, o, r) in enumerate(zip(chunks, old, refs)):
             logp, mask = logps(model, c, True)
+            if i >= real:                        # padding: same collectives, zero gradient
+                (logp.float().sum() * 0.0).backward()
+                continue
             adv = torch.tensor([s[2] for s in c], device=model_dev)
             loss, st = grpo.policy_loss(logp.float(), o.float(), adv, mask, ref_logp=r, beta=rc["beta"],
                                         clip_low=rc["clip_low"], clip_high=rc["clip_high"], agg=rc["agg"])
@@ -397,11 +558,20 @@ def stage_rl(stage, cfg, rank, world, device, run):
         if k in saved and saved[k] != cfg[k]:
             print(f"note: using the checkpoint's {k}={saved[k]} (config had {cfg[k]})")
             cfg[k] = saved[k]
-    ref = copy.deepcopy(model).eval().requires_grad_(False) if rc["beta"] > 0 else None
+    if run.ckpt and run.ckpt["phase"] == "done":
+        return final_model(run, device)
+    ref = copy.deepcopy(model).eval().requires_grad_(False) if rc["beta"] > 0 else None   # the initial policy
+    model = shard(model, cfg, world)
+    ref = shard(ref, cfg, world) if ref is not None else None
     opt = torch.optim.AdamW(model.parameters(), lr=rc["lr"], betas=(0.9, 0.95), weight_decay=0.0)
+    start = 0
+    if run.ckpt:
+        resume_note(run, "rl")
+        run.restore(model, opt)
+        start = run.ckpt["step"]
     mod, policy = evaluate.env_module(cfg["env"]), inference_copy(model, cfg)
     phases = (["sim"] * rc["n_T"] + ["pi"] * rc["n_pi"]) if stage == "dyna_grpo" else ["pi"]
-    for step in tqdm(range(rc["steps"]), desc=stage, disable=rank != 0):
+    for step in tqdm(range(start, rc["steps"]), desc=stage, initial=start, total=rc["steps"], disable=rank != 0):
         phase, t0 = phases[step % len(phases)], time.time()
         start = rc["task_start"] + step * rc["tasks"] * world          # fresh train tasks every step
         tasks = mod.split_seeds("train", rc["tasks"] * world, start=start)[rank::world]
@@ -431,35 +601,54 @@ def stage_rl(stage, cfg, rank, world, device, run):
         if rank == 0:
             tqdm.write(f"{stage} step {step + 1} ({phase}): success {rec['success']:.2f} return {rec['ret']:.2f} "
                        f"tokens {rec['response_tokens']:.0f} ({rec['step_s']:.0f} s)")
-        if rc["save_every"] and (step + 1) % rc["save_every"] == 0:
-            run.save_model(model, tok, cfg)
+        run.after_step(model, opt, None, "rl", step + 1)
     run.save_model(model, tok, cfg)
+    run.save_checkpoint(None, None, None, "done", rc["steps"])
     return model, tok
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stage", required=True, choices=STAGES)
+    ap.add_argument("--stage", choices=STAGES)
     ap.add_argument("--config", default=None, help="a YAML file under configs/")
+    ap.add_argument("--resume", metavar="RUN_DIR", help="continue a killed or interrupted run from its "
+                    "checkpoint, with its own stage and config")
     ap.add_argument("overrides", nargs="*", help="key=value, e.g. rl.steps=10 sft.epochs=1")
     args = ap.parse_args(argv)
+    if args.resume and (args.stage or args.config or args.overrides):
+        ap.error("--resume takes the run's own stage and config; give nothing else")
+    if not args.resume and not args.stage:
+        ap.error("--stage is required (or --resume RUN_DIR)")
     try:
-        cfg = load_config(args.config, args.overrides)
-    except (ValueError, OSError, yaml.YAMLError) as e:
-        raise SystemExit(f"config error: {e}")
+        if args.resume:
+            stage = json.loads((Path(args.resume) / "run.json").read_text())["stage"]
+            cfg = load_config(str(Path(args.resume) / "config.yaml"))
+            cfg["out_dir"] = args.resume
+        else:
+            stage, cfg = args.stage, load_config(args.config, args.overrides)
+        if cfg["dist"] not in ("ddp", "fsdp"):
+            raise ValueError(f"dist must be ddp or fsdp, got {cfg['dist']!r}")
+    except (ValueError, KeyError, OSError, yaml.YAMLError) as e:
+        raise SystemExit(f"{'resume' if args.resume else 'config'} error: {e}")
     evaluate.env_module(cfg["env"])      # an unknown env fails here, before any work
     rank, world, device = setup_dist(cfg)
     torch.manual_seed(cfg["seed"] + rank)
-    run = Run(cfg["out_dir"] or f"runs/{args.stage}_{cfg['env']}", cfg, rank)
-    t0 = time.time()
-    if args.stage == "resim":
-        model, tok = stage_resim(cfg, rank, world, device, run)
-    else:
-        model, tok = stage_rl(args.stage, cfg, rank, world, device, run)
-    results = evaluate_splits(model, tok, cfg, rank, world, run, args.stage)
-    run.plot()
-    if rank == 0:
-        print(f"{args.stage} done in {(time.time() - t0) / 60:.1f} min; run directory {run.dir}")
+    run = Run(cfg["out_dir"] or f"runs/{stage}_{cfg['env']}", cfg, rank, stage, world, resume=bool(args.resume))
+    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        t0 = time.time()
+        if stage == "resim":
+            model, tok = stage_resim(cfg, rank, world, device, run)
+        else:
+            model, tok = stage_rl(stage, cfg, rank, world, device, run)
+        results = evaluate_splits(model, tok, cfg, rank, world, run, stage)
+        run.plot()
+        if rank == 0:
+            print(f"{stage} done in {(time.time() - t0) / 60:.1f} min; run directory {run.dir}")
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        STOP["signal"] = 0
     if world > 1:
         torch.distributed.destroy_process_group()
     return results
