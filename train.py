@@ -614,7 +614,7 @@ def main(argv=None):
     ap.add_argument("--resume", metavar="RUN_DIR", help="continue a killed or interrupted run from its "
                     "checkpoint, with its own stage and config")
     ap.add_argument("overrides", nargs="*", help="key=value, e.g. rl.steps=10 sft.epochs=1")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)   # overrides may come before or after the options
     if args.resume and (args.stage or args.config or args.overrides):
         ap.error("--resume takes the run's own stage and config; give nothing else")
     if not args.resume and not args.stage:

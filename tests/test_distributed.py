@@ -1,9 +1,14 @@
-"""torchrun on CPU (gloo): two ranks reproduce one process with twice the batch, and uneven shards finish."""
+"""torchrun on CPU (gloo): two ranks (DDP or FSDP2) reproduce one process with twice the batch, uneven shards
+finish, and a sharded run saves, checkpoints and resumes."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["tiny.hidden_size=32", "tiny.num_hidden_layers=1", "tiny.num_attention_heads=2",
@@ -11,25 +16,66 @@ TINY = ["tiny.hidden_size=32", "tiny.num_hidden_layers=1", "tiny.num_attention_h
         "env_kwargs={max_steps: 3}", "sft.epochs=2", "sft.micro_batch=1", "sft.warmup=0.0"]
 
 
-def run(nproc, out, *args):
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
-           "train.py", *args, f"out_dir={out}"] + TINY
+def torchrun(nproc):
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"]
+
+
+def run(nproc, out, *args, out_arg=True):
+    cmd = torchrun(nproc) + ["train.py"] + (TINY + [f"out_dir={out}"] if out_arg else []) + list(args)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stderr[-3000:]
-    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return metrics if out_arg else (metrics, p.stdout)
+
+
+def losses(metrics):
+    return [r["loss"] for r in metrics if r["stage"] == "sft"]
 
 
 def test_two_ranks_match_one_process_with_twice_the_batch(tmp_path):
     one = run(1, tmp_path / "one", "--stage", "resim", "resim.episodes=12", "sft.batch_size=4",
               "eval.id=0", "eval.ood=0")
-    two = run(2, tmp_path / "two", "--stage", "resim", "resim.episodes=12", "sft.batch_size=2",
-              "eval.id=0", "eval.ood=0")
-    l1 = [r["loss"] for r in one if r["stage"] == "sft"]
-    l2 = [r["loss"] for r in two if r["stage"] == "sft"]
-    assert len(l1) == len(l2) >= 3
-    for a, b in zip(l1, l2):
-        assert abs(a - b) < 1e-4 * max(1.0, abs(a)), (l1, l2)
+    l1 = losses(one)
+    assert len(l1) >= 3
+    for dist in ("ddp", "fsdp"):
+        l2 = losses(run(2, tmp_path / dist, "--stage", "resim", "resim.episodes=12", "sft.batch_size=2",
+                        "eval.id=0", "eval.ood=0", f"dist={dist}", "checkpoint_minutes=0"))
+        assert len(l1) == len(l2), dist
+        for a, b in zip(l1, l2):
+            assert abs(a - b) < 1e-4 * max(1.0, abs(a)), (dist, l1, l2)
+    # the sharded run saved a full model and a full checkpoint that one process can read
+    model = tmp_path / "fsdp" / "model"
+    run(1, tmp_path / "fsdp_eval", "--stage", "grpo", f"init_from={model}", "rl.steps=0", "eval.id=1", "eval.ood=0")
+
+
+def test_fsdp_rl_with_uneven_shards_stops_on_ctrl_c_and_resumes(tmp_path):
+    one = tmp_path / "resim"   # an action-only policy that solves some puzzles: RL updates are not all zero
+    run(1, one, "--stage", "resim", "resim.episodes=300", "resim.action_only=true", "sft.epochs=4",
+        "sft.batch_size=8", "sft.micro_batch=8", "sft.lr=0.01", "eval.id=0", "eval.ood=0")
+    args = ["--stage", "dyna_grpo", f"init_from={one / 'model'}", "rl.steps=6", "rl.tasks=1", "rl.group=3",
+            "rl.beta=0.01", "eval.id=3", "eval.ood=0", "dist=fsdp", "checkpoint_minutes=0"]
+    alone = run(2, tmp_path / "alone", *args)
+    rl = [r for r in alone if r["stage"] == "rl_dyna_grpo"]
+    assert [r["step"] for r in rl] == [1, 2, 3, 4, 5, 6] and sum(r.get("grad_norm", 0) > 0 for r in rl[2:]) >= 2
+    # Ctrl-C reaches torchrun, which signals both ranks: they finish the step, checkpoint together, exit
+    proc = subprocess.Popen(torchrun(2) + ["train.py", *TINY, f"out_dir={tmp_path / 'stopped'}", *args], cwd=ROOT,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    ck = tmp_path / "stopped" / "checkpoint.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not ck.exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    log = proc.communicate(timeout=120)[0]
+    assert "checkpoint saved" in log, log[-3000:]
+    step = torch.load(ck, weights_only=False)["step"]
+    assert 1 <= step < 6
+    resumed = run(2, tmp_path / "stopped", "--resume", str(tmp_path / "stopped"), out_arg=False)
+    assert f"resuming from rl step {step}" in resumed[1]
+    keys = ("success", "ret", "loss", "pg_loss", "kl", "grad_norm", "refine_grad_norm")
+    strip = lambda ms: [{k: r.get(k) for k in keys} for r in ms if r["stage"] == "rl_dyna_grpo"]   # noqa: E731
+    assert strip(resumed[0]) == strip(alone)
 
 
 def test_uneven_shards_finish(tmp_path):
