@@ -164,7 +164,7 @@ def format_response(plans, best, action):
 
 _PLAN = re.compile(r"\s*Plan\s+(\d+)\s*:\s*")
 _BEST = re.compile(r"\s*Best\s*:\s*Plan\s+(\d+)\s*\.?\s*")
-_ACTION = re.compile(r"<action>(.*?)</action>", re.S)
+_ACTION = re.compile(r"<action>((?:(?!<action>).)*?)</action>", re.S)   # innermost: "<action><action>X</action>"
 
 
 def _float(s):
