@@ -347,12 +347,14 @@ def inference_copy(model, cfg, into=None):
     gathers a full copy, so decoding needs no collectives (ranks finish their episodes at different times)."""
     dtype = torch.bfloat16 if cfg["bf16"] else torch.float32
     if sharded(model):
-        state = full_state(model, everywhere=True)[0]
         if into is None:
             from transformers import AutoModelForCausalLM
-            into = AutoModelForCausalLM.from_config(model.config).to(next(iter(state.values())).device, dtype)
-        into.load_state_dict(state)
-        return into.eval()
+            with torch.device(next(model.parameters()).device):
+                into = AutoModelForCausalLM.from_config(model.config, dtype=dtype).eval()
+        with torch.no_grad():       # one parameter gathered at a time: no full fp32 copy in memory
+            for name, p in model.named_parameters():
+                into.get_parameter(name).copy_(p.full_tensor())
+        return into
     if not cfg["bf16"] or next(model.parameters()).dtype == torch.bfloat16:
         return model
     if into is None:
