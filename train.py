@@ -647,6 +647,9 @@ def main(argv=None):
         run.plot()
         if rank == 0:
             print(f"{stage} done in {(time.time() - t0) / 60:.1f} min; run directory {run.dir}")
+    except FloatingPointError as e:
+        raise SystemExit(f"{e}; {run.dir / 'checkpoint.pt'} keeps the last good step (lower the learning rate "
+                         f"in {run.dir / 'config.yaml'}, then --resume {run.dir})")
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)

@@ -90,3 +90,12 @@ def test_resume_needs_a_run_directory(tmp_path):
     assert p.returncode != 0 and "resume error" in p.stderr
     p = train("--resume", str(tmp_path), "rl.steps=3", check=False)
     assert p.returncode != 0 and "give nothing else" in p.stderr
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    p = train(*RESIM, *TINY, "sft.lr=1e30", "sft.warmup=0.0", f"out_dir={tmp_path}", check=False)
+    assert p.returncode != 0 and "stopped before the update" in p.stderr and "last good step" in p.stderr
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert ck["phase"] == "sft" and ck["step"] >= 1
+    assert all(torch.isfinite(t).all() for t in ck["model"].values())
+    assert not (tmp_path / "model").exists()
