@@ -1,6 +1,6 @@
 """ALFWorld env costs: game generation, engine steps, reset, get/set_state branching, expert plans.
 
-    /work/venv/bin/python bench/bench_alfworld.py [--games 6] [--steps 150]
+    python bench/bench_alfworld.py [--games 6] [--steps 150] [--trees 3]
 Generation writes into a fresh temporary cache (nothing is kept)."""
 import argparse
 import os
@@ -25,6 +25,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--games", type=int, default=6)
     ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--trees", type=int, default=3, help="episodes searched for the ReSim tree cost")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as cache:
@@ -71,6 +72,16 @@ def main():
         envp.reset(3)
         t, plan = timed(envp.expert_plan)
         rows.append(("expert_plan planner at reset (ms)", f"{1e3 * t:.0f}", f"{len(plan or [])} actions"))
+
+        # ReSim tree cost per real state, with configs/alfworld.yaml's tree (b=3 rollouts, depth <= 2)
+        import agent
+        import resim
+        tok = agent.load_model("tiny")[1]
+        _, st = resim.collect("alfworld", dict(cache_dir=cache, data="generated", expert="planner"),
+                              list(range(args.trees)), tokenizer=tok, aggregate=resim.template_aggregate,
+                              b=3, d=2, b_train=2, eps=0.3, gamma=0.95, history_k=2, system=False, progress=False)
+        rows.append(("ReSim tree per real state, b=3 d=2 (s)", f"{st['seconds'] / max(1, st['steps']):.2f}",
+                     f"{st['steps']:.0f} states in {args.trees} episodes, planner expert, replay branching"))
 
     w = max(len(r[0]) for r in rows)
     print(f"{'measure':<{w}} | {'value':>8} | note")
