@@ -4,6 +4,8 @@
     torchrun --nproc_per_node=1 train.py --stage dyna_grpo                  # stage 2 from the ReSim model
     torchrun --nproc_per_node=1 train.py --stage grpo  --config configs/sokoban.yaml rl.steps=10
     python train.py --stage rloo ...                                        # plain python works too
+    torchrun --nproc_per_node=8 train.py --stage dyna_grpo dist=fsdp ...    # FSDP2 for big models
+    python train.py --resume runs/resim_sokoban                             # continue a killed run exactly
 
 The config is DEFAULTS below (the embedded default: Sokoban, tiny model, CPU), then --config YAML, then
 key=value overrides (dotted keys, YAML values). Unknown keys and wrong types are errors before any work.
