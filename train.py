@@ -18,6 +18,7 @@ RL stages (the paper's Algorithm 1; grpo/rloo skip phase A):
 """
 import argparse
 import copy
+import gc
 import json
 import math
 import os
@@ -656,7 +657,10 @@ def main(argv=None):
         for s, h in handlers.items():
             signal.signal(s, h)
         STOP["signal"] = 0
-    if world > 1:
+    if world > 1:     # free FSDP's gloo work handles while the interpreter is alive (else a rare SIGABRT at exit)
+        del model
+        gc.collect()
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return results
 
