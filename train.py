@@ -569,14 +569,14 @@ def stage_rl(stage, cfg, rank, world, device, run):
     model = shard(model, cfg, world)
     ref = shard(ref, cfg, world) if ref is not None else None
     opt = torch.optim.AdamW(model.parameters(), lr=rc["lr"], betas=(0.9, 0.95), weight_decay=0.0)
-    start = 0
+    first = 0
     if run.ckpt:
         resume_note(run, "rl")
         run.restore(model, opt)
-        start = run.ckpt["step"]
+        first = run.ckpt["step"]
     mod, policy = evaluate.env_module(cfg["env"]), inference_copy(model, cfg)
     phases = (["sim"] * rc["n_T"] + ["pi"] * rc["n_pi"]) if stage == "dyna_grpo" else ["pi"]
-    for step in tqdm(range(start, rc["steps"]), desc=stage, initial=start, total=rc["steps"], disable=rank != 0):
+    for step in tqdm(range(first, rc["steps"]), desc=stage, initial=first, total=rc["steps"], disable=rank != 0):
         phase, t0 = phases[step % len(phases)], time.time()
         start = rc["task_start"] + step * rc["tasks"] * world          # fresh train tasks every step
         tasks = mod.split_seeds("train", rc["tasks"] * world, start=start)[rank::world]
