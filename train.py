@@ -209,13 +209,13 @@ class Run:
 
     def __init__(self, out_dir, cfg, rank, stage, world=1, resume=False):
         self.dir, self.rank, self.cfg, self.world = Path(out_dir), rank, cfg, world
-        self.ckpt, self.last_save = None, time.time()
+        self.ckpt, self.last_save, self.lines = None, time.time(), 0
         if resume:
             self.ckpt = self.load_checkpoint()
             if rank == 0:
                 lines = (self.dir / "metrics.jsonl").read_text().splitlines(keepends=True)
-                keep = self.ckpt["metrics_lines"] if self.ckpt else 0
-                (self.dir / "metrics.jsonl").write_text("".join(lines[:keep]))
+                self.lines = self.ckpt["metrics_lines"] if self.ckpt else 0
+                (self.dir / "metrics.jsonl").write_text("".join(lines[:self.lines]))
         elif rank == 0:
             try:
                 self.dir.mkdir(parents=True, exist_ok=True)
@@ -228,7 +228,6 @@ class Run:
             (self.dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
             (self.dir / "metrics.jsonl").write_text("")
             (self.dir / "checkpoint.pt").unlink(missing_ok=True)
-        self.lines = len((self.dir / "metrics.jsonl").read_text().splitlines()) if rank == 0 else 0
 
     def log(self, rec):
         if self.rank == 0:
@@ -394,10 +393,13 @@ def evaluate_splits(model, tok, cfg, rank, world, run, tag):
 
 # ---- stage 1: ReSim ---------------------------------------------------------------------------------
 
-def final_model(run, device):
-    """A resumed run whose training had finished: the saved model, ready for evaluation."""
+def final_model(run, cfg, device):
+    """A resumed run whose training had finished: the saved model and the prompt settings it was trained
+    with (an RL stage may have taken them from its init checkpoint), ready for evaluation."""
     if run.rank == 0:
         print(f"resuming: training had finished; evaluating {run.dir / 'model'}")
+    saved = evaluate.prompt_settings(str(run.dir / "model"))
+    cfg.update({k: saved[k] for k in ("history_k", "system") if k in saved})
     return agent.load_model(str(run.dir / "model"), device=device)
 
 
@@ -408,8 +410,6 @@ def resume_note(run, phase):
 
 def stage_resim(cfg, rank, world, device, run):
     ck = run.ckpt
-    if ck and ck["phase"] == "done":
-        return final_model(run, device)
     torch.manual_seed(cfg["seed"])
     model, tok = agent.load_model(cfg["model"], device=device, **(cfg["tiny"] if cfg["model"] == "tiny" else {}))
     model = shard(model, cfg, world)
@@ -563,8 +563,6 @@ def stage_rl(stage, cfg, rank, world, device, run):
         if k in saved and saved[k] != cfg[k]:
             print(f"note: using the checkpoint's {k}={saved[k]} (config had {cfg[k]})")
             cfg[k] = saved[k]
-    if run.ckpt and run.ckpt["phase"] == "done":
-        return final_model(run, device)
     ref = copy.deepcopy(model).eval().requires_grad_(False) if rc["beta"] > 0 else None   # the initial policy
     model = shard(model, cfg, world)
     ref = shard(ref, cfg, world) if ref is not None else None
@@ -642,7 +640,9 @@ def main(argv=None):
     handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         t0 = time.time()
-        if stage == "resim":
+        if run.ckpt and run.ckpt["phase"] == "done":
+            model, tok = final_model(run, cfg, device)
+        elif stage == "resim":
             model, tok = stage_resim(cfg, rank, world, device, run)
         else:
             model, tok = stage_rl(stage, cfg, rank, world, device, run)
