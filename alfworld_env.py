@@ -1,60 +1,81 @@
-"""ALFWorld (text) for Dyna-Mind: the real TextWorld/PDDL engine of alfworld==0.4.2 on offline games.
+"""ALFWorld (text) for Dyna-Mind: the real TextWorld/PDDL engine of alfworld==0.4.2, on official or generated games.
 
-No official games can be downloaded here, so `generate_game` builds ALFWorld games from what the wheel
-ships (scene layouts, receptacle/object affordances, the PDDL domain, grammar and goal library): one
-problem PDDL per (split, seed), checked by playing ALFWorld's hand-coded expert on it. When
-$ALFWORLD_DATA/json_2.1.1 exists, the official games are used instead (train / valid_seen / valid_unseen).
+Official games are played wherever alfworld finds them ($ALFWORLD_DATA, else ~/.cache/alfworld: alfworld/info.py
+decides when alfworld is imported, which this module does first): train -> train (3,553), id -> valid_seen (140),
+ood -> valid_unseen (134), filtered as AlfredTWEnv.collect_game_files does. `len(env.games)` says how many;
+envs.split_seeds(split, len(env.games)) plays each once; data="official" insists on them.
+
+Otherwise `generate_game` builds ALFWorld games from what the wheel ships (scene layouts, affordances, the PDDL
+domain, grammar and goal library): one per (split, seed), kept only if ALFWorld's hand-coded expert wins it.
+OOD = valid_unseen's scenes (FloorPlan10, 219, 308, 424), never trained on; train and ID share the other 116.
 
 Branching (get_state/set_state) replays the command prefix from reset: the engine state lives inside
-fast-downward's C library and cannot be copied. The PDDL->SAS translation is memoised, so a replay costs one
-SAS load plus about one engine step per command (see bench/bench_alfworld.py).
+fast-downward's C library and cannot be copied. PDDL->SAS translation is memoised, so a replay costs one SAS
+load plus about one engine step per command (bench/bench_alfworld.py).
 """
 import functools
-import glob
 import json
 import os
 import random
 import re
+import shutil
 import sys
 from collections import Counter
 from contextlib import contextmanager
+from types import SimpleNamespace
 
+import alfworld.gen.constants as C
+import alfworld.gen.goal_library as G
+import alfworld.info
+import fast_downward
 import numpy as np
+import textworld
+from alfworld.agents.environment.alfred_tw_env import AlfredDemangler, AlfredExpert, AlfredInfos
+from fast_downward.interface import pddl2sas
+from textworld.envs import PddlEnv
+
+import envs
 
 RULES = """You are an agent in a household (ALFWorld, text only). Each turn you get an observation and the
 admissible commands; reply with exactly one command. Commands:
-  go to X | open X | close X | take O from R | move O to R | examine X | use X | look | inventory
+  go to R | open R | close R | take O from R | move O to R | examine X | use L | look | inventory | help
   heat O with microwave N | cool O with fridge N | clean O with sinkbasin N
-Objects and receptacles are named with a number ("apple 1", "countertop 2"). Closed receptacles must be
-opened to see or take what is inside. "put O in/on R" is accepted as "move O to R". A command that is not
-admissible changes nothing and the observation is "Nothing happens."."""
+Objects and receptacles are named with a number ("apple 1", "countertop 2"). You hold at most one object.
+A closed receptacle must be opened to see, take or place what is inside; heating, cooling and cleaning only
+need you at the appliance, holding the object. "use" switches a lamp on (look at an object under it by
+holding the object there). Older game files say "put O in/on R" for "move O to R"; either form is accepted
+where the other is admissible. Anything else changes nothing and the observation is "Nothing happens."."""
 
 TASK_TYPES = ["pick_and_place_simple", "look_at_obj_in_light", "pick_clean_then_place_in_recep",
               "pick_heat_then_place_in_recep", "pick_cool_then_place_in_recep", "pick_two_obj_and_place"]
-GEN_VERSION = 1
-SPLIT_BASE = {"train": 0, "id": 10_000_000, "ood": 20_000_000}  # disjoint seed ranges
+GEN_VERSION = 2   # bump when generated games change: cached games of another version are regenerated
+OOD_SCENES = (10, 219, 308, 424)   # valid_unseen's scenes (ALFRED's unseen rooms), one per room type
 OFFICIAL_DIRS = {"train": "train", "id": "valid_seen", "ood": "valid_unseen"}
-GEN_STATS = Counter()  # generated / rejected games of this process (the retry counter)
+OPTIONS = ("max_steps", "cache_dir", "data", "expert", "expert_cap")
+GEN_STATS = Counter()   # generated / rejected games of this process (the retry counter)
 
-# ALFRED's held-out (test) scene numbers are our OOD scenes; the other 96 scenes serve train and ID.
-OOD_SCENES = list(range(1, 7)) + list(range(201, 207)) + list(range(301, 307)) + list(range(401, 407))
-TRAIN_SCENES = [s for s in list(range(1, 31)) + list(range(201, 231)) + list(range(301, 331))
-                + list(range(401, 431)) if s not in OOD_SCENES]
-ROOMS = {"pick_and_place_simple": "KLBb", "pick_two_obj_and_place": "KLBb", "look_at_obj_in_light": "Lb",
-         "pick_clean_then_place_in_recep": "Kb", "pick_heat_then_place_in_recep": "K",
-         "pick_cool_then_place_in_recep": "K"}  # ALFRED's GOALS_VALID: Kitchen LivingRoom Bedroom bathroom
+# Receptacle types -openable.json leaves out get one each, stoves four burners, placed next to what they stand
+# by (a burner by the counter); floor-standing ones low.
+EXTRA_COUNT = {"StoveBurner": 4}
+NEXT_TO = {"StoveBurner": "CounterTop", "CoffeeMachine": "CounterTop", "Toaster": "CounterTop",
+           "HandTowelHolder": "SinkBasin", "ToiletPaperHanger": "Toilet", "TowelHolder": "BathtubBasin"}
+ON_FLOOR = {"GarbageCan", "LaundryHamper", "Toilet", "Bed", "Sofa", "ArmChair", "Ottoman", "Cart", "BathtubBasin"}
 LAMPS = ["DeskLamp", "FloorLamp"]
 LAMP_HOSTS = {"SideTable", "Desk", "Dresser", "CoffeeTable", "TVStand", "Shelf", "DiningTable"}
+PKG = os.path.dirname(os.path.abspath(alfworld.info.__file__))
+STATIC = set(C.RECEPTACLES) - set(C.MOVABLE_RECEPTACLES)   # receptacles; movable ones (mug, pan) are objects
 TASK_NEEDS = {"pick_clean_then_place_in_recep": ("Cleanable", "SinkBasin"),  # affordance, appliance
               "pick_heat_then_place_in_recep": ("Heatable", "Microwave"),
               "pick_cool_then_place_in_recep": ("Coolable", "Fridge")}
 
 
-def _alf():
-    """Import alfworld lazily (heavy) and return (constants, goal library, package dir)."""
-    import alfworld.gen.constants as C
-    import alfworld.gen.goal_library as G
-    return C, G, os.path.dirname(os.path.dirname(os.path.abspath(C.__file__)))
+ROOM = {s: room for room, nums in C.SCENE_TYPE.items() for s in nums}   # FloorPlan number -> room type
+
+
+def scenes(split):
+    """The FloorPlan numbers a split's generated games use: OOD's four, or all the others."""
+    envs.check_split(split)
+    return [s for s in ROOM if (s in OOD_SCENES) == (split == "ood")]
 
 
 def _pddl_name(s):
@@ -64,29 +85,17 @@ def _pddl_name(s):
 
 
 def cache_root(cache_dir=None):
-    root = cache_dir or os.path.join(os.environ.get("DYNAMIND_CACHE") or
-                                     os.path.expanduser("~/.cache/dynamind"), "alfworld")
-    root = os.path.abspath(root)
+    """Where generated games are cached: cache_dir, else $DYNAMIND_CACHE/alfworld, else ~/.cache/dynamind/alfworld;
+    never inside the repository."""
+    root = os.path.abspath(cache_dir or os.path.join(os.environ.get("DYNAMIND_CACHE") or
+                                                     os.path.expanduser("~/.cache/dynamind"), "alfworld"))
     repo = os.path.dirname(os.path.abspath(__file__))
-    if root == repo or root.startswith(repo + os.sep):
+    if os.path.commonpath([root, repo]) == repo:
         raise ValueError(f"ALFWorld cache {root} is inside the repository; set DYNAMIND_CACHE elsewhere")
     return root
 
 
-# ----------------------------------------------------------------------------- scene + problem sampling
-def _scene(num):
-    C, _, pkg = _alf()
-    lay = os.path.join(pkg, "gen", "layouts", f"FloorPlan{num}")
-    objs = json.load(open(lay + "-objects.json"))
-    receps = json.load(open(lay + "-openable.json"))
-    points = np.load(lay + "-layout.npy")
-    return objs, receps, points
-
-
-def _room(scene):
-    return "K_LBb"[scene // 100]  # FloorPlan 1-30 kitchens, 2xx living, 3xx bed, 4xx bathrooms
-
-
+# ----------------------------------------------------------------------------- scenes
 def _recep_type(rid):
     parts = rid.split("|")
     return parts[-1] if parts[-1].endswith("Basin") else parts[0]
@@ -96,79 +105,107 @@ def _loc(x, z, rot, hor):
     return f"loc|{int(round(x / 0.25))}|{int(round(z / 0.25))}|{int(rot) // 90 % 4}|{int(hor)}"
 
 
-def sample_problem(task_type, scene, rng):
-    """One game as plain data (objects, receptacles, goal params) or None if the scene can't host it."""
-    C, _, _ = _alf()
-    objs, receps, points = _scene(scene)
-    rtype = {r: _recep_type(r) for r in sorted(receps)}
-    rloc = {r: _loc(*receps[r]) for r in rtype}
-    val = C.VAL_RECEPTACLE_OBJECTS
-    pickable = set().union(*val.values())
-    present = [o for o in sorted(set(objs)) if o in pickable and o in C.OBJECTS and "Sliced" not in o]
-    placed = {}  # object id -> receptacle id
-    for t in present:
-        hosts = [r for r in rtype if t in val.get(rtype[r], ())]
-        for _ in range(int(rng.integers(1, 4)) if hosts else 0):
-            placed[_obj_id(t, rng, placed)] = hosts[int(rng.integers(len(hosts)))]
-    lamps = {}
-    for t in [t for t in LAMPS if t in objs]:
-        hosts = [r for r in rtype if rtype[r] in LAMP_HOSTS]
-        if hosts:
-            lamps[_obj_id(t, rng, placed)] = hosts[int(rng.integers(len(hosts)))]
-    params = _pick_task(task_type, placed, lamps, rtype, rng)
+@functools.lru_cache(maxsize=None)
+def scene_layout(scene):
+    """(types -objects.json lists, {receptacle id: (type, location)}, free floor points) of a FloorPlan, the same
+    for every game of the scene. Receptacles: every point of -openable.json (ALFRED's receptacle poses, which
+    leave out stoves, coffee machines, toasters, most garbage cans and towel holders), then one of each other
+    static receptacle type the scene lists (EXTRA_COUNT of some), at free floor points next to what they
+    stand by, facing them."""
+    lay = os.path.join(PKG, "gen", "layouts", f"FloorPlan{scene}")
+    types = set(json.load(open(lay + "-objects.json")))
+    poses = json.load(open(lay + "-openable.json"))
+    recs = {r: (_recep_type(r), _loc(*poses[r])) for r in sorted(poses)}
+    where = {_recep_type(r): tuple(poses[r][:2]) for r in sorted(poses, reverse=True)}   # a point per type
+    free = [(round(x, 2), round(z, 2)) for x, z in np.load(lay + "-layout.npy").tolist()]
+    free = [p for p in free if p not in {(round(x, 2), round(z, 2)) for x, z, *_ in poses.values()}]
+    rng = np.random.default_rng(scene)
+    for t in sorted(types & STATIC - set(where), key=lambda t: (t in NEXT_TO, t)):   # anchors first
+        at = where.get(NEXT_TO.get(t)) or free[int(rng.integers(len(free)))]
+        near = sorted(free, key=lambda p: ((p[0] - at[0]) ** 2 + (p[1] - at[1]) ** 2, p))[:EXTRA_COUNT.get(t, 1)]
+        where[t] = near[0]
+        for x, z in near:
+            free.remove((x, z))
+            for rot in 90 * rng.permutation(4):   # it stands 0.5 m in front of the agent, ids unique
+                rx, rz = x + 0.5 * np.sin(np.radians(rot)), z + 0.5 * np.cos(np.radians(rot))
+                pos = f"{rx:+06.2f}|{0.0 if t in ON_FLOOR else 0.9:+06.2f}|{rz:+06.2f}"
+                rid = f"{t[:-5]}|{pos}|{t}" if t.endswith("Basin") else f"{t}|{pos}"
+                if rid not in recs:
+                    recs[rid] = (t, _loc(x, z, rot, 0 if t in ON_FLOOR else 30))
+                    break
+    return frozenset(types), recs, tuple(free)
+
+
+# ----------------------------------------------------------------------------- games
+def sample_problem(split, seed, attempt=0):
+    """One candidate game of (split, seed) as plain data, or None if the drawn scene cannot host its task.
+    Task type = TASK_TYPES[k % 6] for the k-th seed of the split; the scene is drawn among the split's scenes
+    of a room type ALFRED allows for that task (constants.GOALS_VALID)."""
+    task_type = TASK_TYPES[seed % envs.SPLIT_SIZE % len(TASK_TYPES)]
+    rng = np.random.default_rng([seed, envs.SPLITS.index(split), attempt])
+    pool = [s for s in scenes(split) if ROOM[s] in C.GOALS_VALID[task_type]]
+    scene = pool[int(rng.integers(len(pool)))]
+    types, recs, free = scene_layout(scene)
+    rtype = {r: t for r, (t, _) in recs.items()}
+    objects, lamps = _place_objects(types, rtype, rng)
+    params = _pick_task(task_type, objects, lamps, rtype, rng)
     if params is None:
         return None
-    recep_pts = {(receps[r][0], receps[r][1]) for r in rtype}
-    free = [p for p in points.tolist() if tuple(p) not in recep_pts]
     x, z = free[int(rng.integers(len(free)))]
-    start = _loc(x, z, 90 * int(rng.integers(4)), 30)
-    if start in rloc.values():
-        return None
-    return dict(task_type=task_type, scene=scene, params=params, rtype=rtype, rloc=rloc,
-                objects={**placed, **lamps}, start=start)
+    tpl = G.gdict[task_type]["templates"]
+    desc = tpl[int(rng.integers(len(tpl)))].format(obj=params["object_target"].lower(), mrecep="",
+                                                    recep=params["parent_target"].lower(),
+                                                    toggle=params["toggle_target"].lower())
+    return dict(task_type=task_type, scene=scene, params=params, rtype=rtype, desc=desc,
+                rloc={r: loc for r, (_, loc) in recs.items()}, objects={**objects, **lamps},
+                start=_loc(x, z, 90 * int(rng.integers(4)), 30))
 
 
-def _obj_id(t, rng, taken):
-    while True:
-        x, y, z = rng.uniform(-3, 3, size=3)
-        oid = f"{t}|{x:+06.2f}|{y:+06.2f}|{z:+06.2f}"
-        if oid not in taken:
-            return oid
+def _place_objects(types, rtype, rng):
+    """1-3 of each pickable type the scene lists (ALFRED's MAX_NUM_OF_OBJ_INSTANCES), each in a receptacle its
+    type may go in (alfworld's VAL_RECEPTACLE_OBJECTS); lamps on furniture."""
+    val = C.VAL_RECEPTACLE_OBJECTS
+    pickable = set().union(*val.values())
+    oid = lambda t: t + "".join(f"|{v:+06.2f}" for v in rng.uniform(-3, 3, 3))   # ALFRED's ids: type|x|y|z
+    placed, lamps = {}, {}
+    for t in sorted(t for t in types if t in pickable and t in C.OBJECTS and "Sliced" not in t):
+        hosts = [r for r in rtype if t in val.get(rtype[r], ())]
+        for _ in range(int(rng.integers(1, C.MAX_NUM_OF_OBJ_INSTANCES + 1)) if hosts else 0):
+            placed[oid(t)] = hosts[int(rng.integers(len(hosts)))]
+    for t in [t for t in LAMPS if t in types]:
+        hosts = [r for r in rtype if rtype[r] in LAMP_HOSTS]
+        if hosts:
+            lamps[oid(t)] = hosts[int(rng.integers(len(hosts)))]
+    return placed, lamps
 
 
 def _pick_task(task_type, placed, lamps, rtype, rng):
-    C, _, _ = _alf()
-    counts = Counter(o.split("|")[0] for o in placed)
+    """Goal parameters the scene can host (objects, appliance, a receptacle that may take the object and does
+    not hold one yet, so the goal is not met at the start), or None."""
+    types = [o.split("|")[0] for o in placed]
     rtypes = sorted(set(rtype.values()))
-    where = {t: {rtype[r] for o, r in placed.items() if o.split("|")[0] == t} for t in counts}
-    need = TASK_NEEDS.get(task_type)
+    need = TASK_NEEDS.get(task_type)   # (affordance, appliance)
     cands = []
-    for t in sorted(counts):
-        if task_type == "pick_two_obj_and_place" and counts[t] < 2:
-            continue
-        if need and (t not in C.VAL_ACTION_OBJECTS[need[0]] or need[1] not in rtypes):
+    for t in sorted(set(types)):
+        if (task_type == "pick_two_obj_and_place" and types.count(t) < 2) or (
+                need and (t not in C.VAL_ACTION_OBJECTS[need[0]] or need[1] not in rtypes)):
             continue
         if task_type == "look_at_obj_in_light":
             cands += [(t, "", lamp.split("|")[0]) for lamp in sorted(lamps)]
             continue
-        # the target receptacle type must accept t, must not already hold one (goal not met at start),
-        # and is not the appliance of the task itself
-        for r in rtypes:
-            if t in C.VAL_RECEPTACLE_OBJECTS.get(r, ()) and r not in where[t] and (not need or r != need[1]):
-                cands.append((t, r, ""))
+        held = {rtype[r] for o, r in placed.items() if o.split("|")[0] == t}
+        cands += [(t, r, "") for r in rtypes if t in C.VAL_RECEPTACLE_OBJECTS.get(r, ()) and r not in held
+                  and (not need or r != need[1])]
     if not cands:
         return None
     obj, parent, toggle = cands[int(rng.integers(len(cands)))]
-    return dict(object_target=obj, parent_target=parent, toggle_target=toggle,
-                mrecep_target="", object_sliced=False)
+    return dict(object_target=obj, parent_target=parent, toggle_target=toggle, mrecep_target="", object_sliced=False)
 
 
 def problem_pddl(p):
     """The problem PDDL text in ALFWorld's layout (ids mangled as ALFWorld does)."""
-    C, G, _ = _alf()
-    static = sorted(C.RECEPTACLES - set(C.MOVABLE_RECEPTACLES))
-    otypes = sorted(C.OBJECTS_SET - set(static))
-    rtypes_present = sorted(set(p["rtype"].values()))
+    static = sorted(STATIC)
+    otypes = sorted(C.OBJECTS_SET - STATIC)
     locs = sorted(set(p["rloc"].values()) | {p["start"]})
     A = C.VAL_ACTION_OBJECTS
     decl = (["agent1 # agent"] + [f"{t}Type # otype" for t in otypes] + [f"{t}Type # rtype" for t in static]
@@ -178,9 +215,9 @@ def problem_pddl(p):
     for r, t in p["rtype"].items():
         init += [f"(receptacleType {r} {t}Type)", f"(receptacleAtLocation {r} {p['rloc'][r]})"]
         init += [f"(openable {r})"] if t in C.OPENABLE_CLASS_SET else []
-    for rt in rtypes_present:
+    for rt in sorted(set(p["rtype"].values())):   # without canContain the translator finds no plan ('val1')
         init += [f"(canContain {rt}Type {ot}Type)" for ot in sorted(C.VAL_RECEPTACLE_OBJECTS.get(rt, ()))
-                 if ot in C.OBJECTS_SET and ot in otypes]
+                 if ot in otypes]
     for o, r in sorted(p["objects"].items()):
         t = o.split("|")[0]
         init += [f"(objectType {o} {t}Type)", f"(inReceptacle {o} {r})", f"(objectAtLocation {o} {p['rloc'][r]})"]
@@ -200,25 +237,15 @@ def problem_pddl(p):
     return _pddl_name(body) + _pddl_name(goal.strip()) + "\n"
 
 
-def task_text(p, rng):
-    _, G, _ = _alf()
-    q = p["params"]
-    tpl = G.gdict[p["task_type"]]["templates"]
-    return tpl[int(rng.integers(len(tpl)))].format(obj=q["object_target"].lower(),
-                                                    recep=q["parent_target"].lower(),
-                                                    toggle=q["toggle_target"].lower(), mrecep="")
-
-
-def write_game(folder, p, desc, walkthrough=None):
-    """The three files ALFWorld plays: game.tw-pddl, traj_data.json (the expert reads it), problem.pddl."""
-    _, _, pkg = _alf()
+def write_game(folder, p, walkthrough=None):
+    """The three files ALFWorld plays: game.tw-pddl, traj_data.json (the expert reads it), initial_state.pddl."""
     os.makedirs(folder, exist_ok=True)
     pddl = problem_pddl(p)
-    grammar = open(os.path.join(pkg, "data", "alfred.twl2")).read().replace("UNKNOWN GOAL", desc)
-    game = dict(pddl_domain=open(os.path.join(pkg, "data", "alfred.pddl")).read(), grammar=grammar,
+    grammar = open(os.path.join(PKG, "data", "alfred.twl2")).read().replace("UNKNOWN GOAL", p["desc"])
+    game = dict(pddl_domain=open(os.path.join(PKG, "data", "alfred.pddl")).read(), grammar=grammar,
                 pddl_problem=pddl, solvable=walkthrough is not None, walkthrough=walkthrough)
     traj = dict(task_type=p["task_type"], pddl_params=p["params"], scene=dict(floor_plan=f"FloorPlan{p['scene']}"),
-                turk_annotations=dict(anns=[dict(task_desc=desc)]), gen_version=GEN_VERSION)
+                turk_annotations=dict(anns=[dict(task_desc=p["desc"])]), gen_version=GEN_VERSION)
     open(os.path.join(folder, "initial_state.pddl"), "w").write(pddl)
     json.dump(traj, open(os.path.join(folder, "traj_data.json"), "w"))
     json.dump(game, open(os.path.join(folder, "game.tw-pddl"), "w"))
@@ -226,66 +253,85 @@ def write_game(folder, p, desc, walkthrough=None):
 
 
 def generate_game(split, seed, cache_dir=None, max_tries=50, expert_cap=50):
-    """Path of game.tw-pddl for (split, seed), generating and caching it on first use.
-
-    Task type = TASK_TYPES[seed % 6]. A candidate is kept only if the engine loads it and ALFWorld's
-    hand-coded expert wins within `expert_cap` steps (its actions are the walkthrough); otherwise a derived
-    seed is tried (GEN_STATS counts rejections)."""
-    if split not in SPLIT_BASE:
-        raise ValueError(f"unknown ALFWorld split {split!r}; expected one of {sorted(SPLIT_BASE)}")
+    """Path of game.tw-pddl for (split, seed), generating and caching it on first use. A candidate is kept only
+    if the engine loads it and ALFWorld's hand-coded expert wins within `expert_cap` steps (its actions are the
+    walkthrough); otherwise the next attempt of the same seed is drawn (GEN_STATS counts rejections)."""
+    envs.check_split(split)
     folder = os.path.join(cache_root(cache_dir), split, str(seed))
     path = os.path.join(folder, "game.tw-pddl")
-    if _cached_ok(folder):
+    if _version(folder) == GEN_VERSION:
         return path
-    task_type = TASK_TYPES[seed % len(TASK_TYPES)]
-    scenes = [s for s in (OOD_SCENES if split == "ood" else TRAIN_SCENES) if _room(s) in ROOMS[task_type]]
     tmp = f"{folder}.tmp{os.getpid()}"
     for attempt in range(max_tries):
-        rng = np.random.default_rng([seed, SPLIT_BASE[split] // 10_000_000, attempt])
-        p = sample_problem(task_type, scenes[int(rng.integers(len(scenes)))], rng)
+        p = sample_problem(split, seed, attempt)
         if p is None:
             GEN_STATS["no_task_in_scene"] += 1
             continue
-        desc = task_text(p, rng)
-        gpath = write_game(tmp, p, desc)
-        walk = _expert_walkthrough(gpath, seed * 1000 + attempt, expert_cap)
+        walk = _expert_play(_engine(expert=True), write_game(tmp, p), (), seed * 1000 + attempt, expert_cap)
         if walk is None:
             GEN_STATS["rejected_by_engine"] += 1
             continue
-        write_game(tmp, p, desc, walkthrough=walk)
-        os.makedirs(os.path.dirname(folder), exist_ok=True)
+        write_game(tmp, p, walkthrough=walk)
+        if os.path.isdir(folder):   # a game of an older generator
+            shutil.rmtree(folder, ignore_errors=True)
         try:
             os.replace(tmp, folder)  # atomic: a concurrent generator of the same seed writes the same game
         except OSError:
-            import shutil
             shutil.rmtree(tmp, ignore_errors=True)
         GEN_STATS["generated"] += 1
         return path
+    shutil.rmtree(tmp, ignore_errors=True)
     raise RuntimeError(f"no ALFWorld game for split={split} seed={seed} after {max_tries} tries")
 
 
-def _cached_ok(folder):
-    try:
-        traj = json.load(open(os.path.join(folder, "traj_data.json")))
-        return traj.get("gen_version") == GEN_VERSION and os.path.exists(os.path.join(folder, "game.tw-pddl"))
+def _version(folder):
+    try:   # a game folder is renamed into place whole, so a readable version means a complete game
+        return json.load(open(os.path.join(folder, "traj_data.json"))).get("gen_version")
     except (OSError, ValueError):
-        return False
+        return None
 
 
-def _expert_walkthrough(gamefile, seed, cap):
+def _expert_play(eng, gamefile, played, seed, cap):
+    """The hand-coded expert's commands, after `played`, until the goal holds; None if it fails within `cap`."""
     try:
-        eng = _engine(expert=True)
         with _seeded(seed):
             eng.load(gamefile)
             st = eng.reset()
-            walk = []
-            while not st["won"] and len(walk) < cap:
-                cmd = st["extra.expert_plan"][0]
-                walk.append(cmd)
-                st, _, _ = eng.step(cmd)
-        return walk if st["won"] else None
-    except Exception:  # the engine rejects the problem (translator error, expert timeout, ...)
+            for c in played:
+                st, _, _ = eng.step(c)
+            plan = []
+            while not st["won"] and len(plan) < cap:
+                plan.append(st["extra.expert_plan"][0])
+                st, _, _ = eng.step(plan[-1])
+        return plan if st["won"] else None
+    except Exception:  # the engine rejects the problem (translator error), the expert times out, ...
         return None
+
+
+# ----------------------------------------------------------------------------- official games
+def data_root():
+    """Where alfworld keeps its data: $ALFWORLD_DATA, else ~/.cache/alfworld, as alfworld/info.py decided when
+    this module imported alfworld, before any game (so the first env of a process already finds them)."""
+    return alfworld.info.ALFWORLD_DATA
+
+
+def official_games(split):
+    """The official game files of a split, sorted; [] when there are none."""
+    envs.check_split(split)
+    return collect_game_files(os.path.join(data_root(), "json_2.1.1", OFFICIAL_DIRS[split]))
+
+
+@functools.lru_cache(maxsize=None)
+def collect_game_files(folder):
+    """AlfredTWEnv.collect_game_files' filter: a trial folder with traj_data.json of one of the six task types
+    (no movable-receptacle or sliced tasks) and a game.tw-pddl marked solvable."""
+    def keep(root):
+        game = os.path.join(root, "game.tw-pddl")
+        return ("movable" not in root and "Sliced" not in root and os.path.exists(game)
+                and json.load(open(os.path.join(root, "traj_data.json"))).get("task_type") in TASK_TYPES
+                and json.load(open(game)).get("solvable"))
+    return sorted(os.path.join(r, "game.tw-pddl") for r, _, files in os.walk(folder)
+                  if "traj_data.json" in files and keep(r))
 
 
 # ----------------------------------------------------------------------------- the engine
@@ -300,50 +346,71 @@ def _seeded(seed):
         random.setstate(saved)
 
 
-_ENGINE_PATCHED = False
+def _move_form(cmd):
+    """`put O in/on R` (older game files; also into/onto/in/on) -> `move O to R`; other commands unchanged."""
+    m = re.fullmatch(r"put (.+? \d+) (?:in/on|into|onto|in|on) (.+)", cmd)
+    return f"move {m.group(1)} to {m.group(2)}" if m else cmd
 
 
-def _patch_engine():
-    """Memoise PDDL->SAS translation (the bulk of a reset) and stop it from clobbering sys.argv; let the
-    hand-coded expert track `move O to R` (v0.4 renamed `put`, but its state tracking still looks for "put",
-    so after a put it kept the object in its inventory and stalled on pick_two tasks)."""
-    global _ENGINE_PATCHED
-    if _ENGINE_PATCHED:
-        return
-    from alfworld.agents.expert.handcoded_expert import BasePolicy
-    track = BasePolicy.update_state_tracking
+def admissible_form(cmd, admissible):
+    """`cmd` as the game says it: itself if admissible, else the admissible command with the same move form
+    (a `put` for a `move` or the other way round), else None."""
+    if cmd in admissible:
+        return cmd
+    key = _move_form(cmd)
+    return next((c for c in admissible if _move_form(c) == key), None)
 
-    def update_state_tracking(self, game_state, last_action):
-        if last_action.startswith("move "):
-            last_action = "put " + last_action[len("move "):]
-        return track(self, game_state, last_action)
 
-    BasePolicy.update_state_tracking = update_state_tracking
-    from textworld.envs.pddl import logic as pddl_logic
-    fd = pddl_logic.fast_downward
-    orig = fd.pddl2sas
+@functools.lru_cache(maxsize=64)
+def _pddl2sas(domain, problem, verbose=False, optimize=False):
+    argv = sys.argv[:]
+    try:
+        return pddl2sas(domain, problem, verbose=verbose, optimize=optimize)
+    finally:
+        sys.argv[:] = argv   # the translator overwrites sys.argv
 
-    @functools.lru_cache(maxsize=256)
-    def cached(domain, problem, verbose=False, optimize=False):
-        argv = sys.argv[:]
+
+# The two engine classes below change things for this module's engines only: alfworld's and textworld's own
+# classes and functions stay as they are for everyone else.
+class _Pddl(PddlEnv):
+    """PddlEnv whose PDDL->SAS translation (the bulk of a load or reset) is memoised: textworld calls
+    fast_downward.pddl2sas, which points at the memo only while this class loads or resets."""
+    def load(self, game):
+        self._memoised(super().load, game)
+
+    def reset(self):
+        return self._memoised(super().reset)
+
+    @staticmethod
+    def _memoised(fn, *args):
+        orig, fast_downward.pddl2sas = fast_downward.pddl2sas, _pddl2sas
         try:
-            return orig(domain, problem, verbose=verbose, optimize=optimize)
+            return fn(*args)
         finally:
-            sys.argv[:] = argv
+            fast_downward.pddl2sas = orig
 
-    fd.pddl2sas = cached
-    _ENGINE_PATCHED = True
+
+class _Expert(AlfredExpert):
+    """0.4.2's hand-coded expert looks for `move O to R` among the admissible commands (older game files say
+    `put O in/on R`) but tracks what it holds by looking for "put" in its last command (after a `move` it kept
+    the object and stalled on pick_two tasks). So it is shown the commands in move form and its last one in put
+    form, and its plan comes back in the game's own form."""
+    def _gather_infos(self):
+        adm, last = self.state["admissible_commands"], self.prev_command
+        self.state["admissible_commands"] = [_move_form(c) for c in adm]
+        self.prev_command = re.sub(r"^move (.+? \d+) to ", r"put \1 in/on ", last)
+        try:
+            super()._gather_infos()
+        finally:
+            self.state["admissible_commands"], self.prev_command = adm, last
+        self.state["extra.expert_plan"] = [admissible_form(c, adm) or "look" for c in self.state["extra.expert_plan"]]
 
 
 def _engine(expert=False):
     """PddlEnv wrapped the way ALFWorld does: AlfredExpert(AlfredInfos(AlfredDemangler(PddlEnv)))."""
-    import textworld
-    from textworld.envs import PddlEnv
-    from alfworld.agents.environment.alfred_tw_env import AlfredDemangler, AlfredExpert, AlfredInfos
-    _patch_engine()
     infos = textworld.EnvInfos(won=True, admissible_commands=True, facts=expert, extras=["gamefile"])
-    env = AlfredInfos(AlfredDemangler(PddlEnv(infos), shuffle=False))
-    return AlfredExpert(env, expert_type="handcoded") if expert else env
+    env = AlfredInfos(AlfredDemangler(_Pddl(infos), shuffle=False))
+    return _Expert(env, expert_type="handcoded") if expert else env
 
 
 def _replay_ops(pe, ops):
@@ -352,69 +419,48 @@ def _replay_ops(pe, ops):
     ps = pe._pddl_state
     for op in ops:
         ps.all_applicable_actions()  # refreshes ps._operators, which apply() looks the id up in
-        ps.apply(_OpRef(op))
+        ps.apply(SimpleNamespace(id=op))
     pe._gather_infos()
     return pe.state["admissible_commands"]
 
 
-class _OpRef:
-    def __init__(self, op_id):
-        self.id = op_id
-
-
-def normalize_action(action):
-    """Lower-case, collapse spaces, drop a trailing period, old `put X in/on Y` -> `move X to Y`."""
-    a = " ".join(str(action).lower().split()).rstrip(".").strip()
-    m = re.fullmatch(r"put (.+?) (?:in/on|into|onto|in|on) (.+)", a)
-    return f"move {m.group(1)} to {m.group(2)}" if m else a
-
-
-def official_games(split):
-    root = os.environ.get("ALFWORLD_DATA")
-    if not root or not os.path.isdir(os.path.join(root, "json_2.1.1")):
-        return None
-    pattern = os.path.join(root, "json_2.1.1", OFFICIAL_DIRS[split], "**", "game.tw-pddl")
-    files = sorted(f for f in glob.glob(pattern, recursive=True) if "movable" not in f and "Sliced" not in f)
-    return files or None
-
-
+# ----------------------------------------------------------------------------- the environment
 class AlfWorld:
-    name = "alfworld"
+    """One ALFWorld episode at a time, speaking envs.Env. `games`: the official game files played (seed k of a
+    split plays games[k % len(games)]), or None when generated games are played."""
+    name, rules = "alfworld", RULES
 
     def __init__(self, split="train", max_steps=50, cache_dir=None, data="auto", expert="handcoded",
                  expert_cap=50):
-        if split not in SPLIT_BASE:
-            raise ValueError(f"unknown ALFWorld split {split!r}; expected one of {sorted(SPLIT_BASE)}")
-        if data not in ("auto", "generated", "official"):
-            raise ValueError(f"data must be 'auto', 'generated' or 'official', got {data!r}")
-        if expert not in ("handcoded", "planner"):
-            raise ValueError(f"expert must be 'handcoded' or 'planner', got {expert!r}")
-        self.split, self.max_steps, self.cache_dir = split, max_steps, cache_dir
+        envs.check_split(split)
+        for opt, val, ok in (("data", data, ("auto", "generated", "official")),
+                             ("expert", expert, ("handcoded", "planner"))):
+            if val not in ok:
+                raise ValueError(f"alfworld option {opt} must be one of {ok}, got {val!r}")
+        self.split, self.max_steps, self.cache_dir = split, int(max_steps), cache_dir
         self.expert, self.expert_cap = expert, expert_cap
-        self._official = official_games(split) if data != "generated" else None
-        if data == "official" and self._official is None:
-            raise ValueError("data='official' but $ALFWORLD_DATA/json_2.1.1 has no games for " + split)
+        self.games = official_games(split) if data != "generated" else []
+        if data == "official" and not self.games:
+            raise ValueError(f"data='official' but no official {OFFICIAL_DIRS[split]} games under "
+                             f"{os.path.join(data_root(), 'json_2.1.1')} (set $ALFWORLD_DATA)")
+        self.games = self.games or None
         self._eng = _engine()
         self._expert_eng = None
-        self.gamefile, self.seed, self.task_type = None, None, None
+        self.gamefile, self.seed, self.task_type = None, None, ""
         self.task, self.obs, self.steps, self.done, self.success = "", "", 0, False, False
         self._cmds, self._ops, self._adm = (), (), []
 
-    # -- protocol
-    def gamefile_for(self, seed):
-        if self._official:
-            return self._official[seed % len(self._official)]
-        return generate_game(self.split, seed, self.cache_dir, expert_cap=self.expert_cap)
-
-    def reset(self, seed):
-        seed = int(seed)
-        path = self.gamefile_for(seed)
+    def _load(self, path):
         if path != self.gamefile:
             self._eng.load(path)
             self.gamefile = path
             with open(os.path.join(os.path.dirname(path), "traj_data.json")) as f:
-                self.task_type = json.load(f).get("task_type")   # evaluate reports success per type
-        self.seed = seed
+                self.task_type = json.load(f).get("task_type", "")
+
+    def reset(self, seed):
+        self.seed = int(seed)
+        self._load(self.games[self.seed % envs.SPLIT_SIZE % len(self.games)] if self.games else
+                   generate_game(self.split, self.seed, self.cache_dir, expert_cap=self.expert_cap))
         st = self._eng.reset()
         self.obs, self._adm = st.feedback, st["admissible_commands"]
         m = re.search(r"Your task is to: (.*)", self.obs)
@@ -425,10 +471,11 @@ class AlfWorld:
     def step(self, action):
         if self.gamefile is None:
             raise ValueError("AlfWorld.step called before reset")
-        cmd = normalize_action(action)
-        valid = cmd in self._adm and not self.done
+        if self.done:
+            return envs.after_done(self)
+        cmd = admissible_form(" ".join(str(action).lower().split()).rstrip(".").strip(), self._adm)
         reward = 0.0
-        if valid:
+        if cmd is not None:
             st, reward, _ = self._eng.step(cmd)
             self.obs, self._adm = st.feedback, st["admissible_commands"]
             self.success = bool(st["won"])
@@ -438,22 +485,21 @@ class AlfWorld:
             self.obs = "Nothing happens."
         self.steps += 1
         self.done = self.success or self.steps >= self.max_steps
-        return self.obs, float(reward), self.done, {"success": self.success, "action_is_valid": valid,
-                                                    "won": self.success}
+        return self.obs, float(reward), self.done, {"success": self.success, "action_is_valid": cmd is not None}
 
     def get_state(self):
-        return dict(split=self.split, seed=self.seed, gamefile=self.gamefile, cmds=self._cmds, ops=self._ops,
-                    obs=self.obs, steps=self.steps, done=self.done, success=self.success)
+        return dict(split=self.split, seed=self.seed, gamefile=self.gamefile, task=self.task, cmds=list(self._cmds),
+                    ops=list(self._ops), obs=self.obs, steps=self.steps, done=self.done, success=self.success)
 
     def set_state(self, state):
-        if state["gamefile"] != self.gamefile or state["ops"] != self._ops:
-            if state["gamefile"] != self.gamefile:
-                self._eng.load(state["gamefile"])
-                self.gamefile = state["gamefile"]
+        ops = tuple(state["ops"])
+        if state["gamefile"] != self.gamefile or ops != self._ops:
+            self._load(state["gamefile"])
             self._eng.reset()
-            self._adm = _replay_ops(self._eng.unwrapped, state["ops"])
-        self.seed, self._cmds, self._ops = state["seed"], tuple(state["cmds"]), tuple(state["ops"])
+            self._adm = _replay_ops(self._eng.unwrapped, ops)
+        self.seed, self._cmds, self._ops = state["seed"], tuple(state["cmds"]), ops
         self.obs, self.steps, self.done, self.success = state["obs"], state["steps"], state["done"], state["success"]
+        self.task = state["task"]
 
     def render(self):
         return self.obs
@@ -476,42 +522,17 @@ class AlfWorld:
             return pe._pddl_state.replan(pe._entity_infos) or None
         if self._expert_eng is None:
             self._expert_eng = _engine(expert=True)
-        eng = self._expert_eng
-        try:
-            with _seeded(hash((self.seed, len(self._cmds))) & 0xFFFFFFFF):
-                eng.load(self.gamefile)
-                st = eng.reset()
-                for c in self._cmds:
-                    st, _, _ = eng.step(c)
-                plan = []
-                while not st["won"] and len(plan) < self.expert_cap:
-                    plan.append(st["extra.expert_plan"][0])
-                    st, _, _ = eng.step(plan[-1])
-        except Exception:
-            return None
-        return plan if st["won"] else None
+        return _expert_play(self._expert_eng, self.gamefile, self._cmds, hash((self.seed, len(self._cmds))),
+                            self.expert_cap)
 
     @staticmethod
     def state_similarity(imagined, real):
-        return token_f1(imagined, real)
+        return envs.token_f1(imagined, real)
 
 
-def token_f1(a, b):
-    ta, tb = re.findall(r"\w+", str(a).lower()), re.findall(r"\w+", str(b).lower())
-    if not ta and not tb:
-        return 1.0
-    common = sum((Counter(ta) & Counter(tb)).values())
-    if common == 0:
-        return 0.0
-    p, r = common / len(ta), common / len(tb)
-    return 2 * p * r / (p + r)
-
-
-def make_env(split, **overrides):
-    return AlfWorld(split=split, **overrides)
-
-
-def split_seeds(split, n, start=0):
-    if split not in SPLIT_BASE:
-        raise ValueError(f"unknown ALFWorld split {split!r}; expected one of {sorted(SPLIT_BASE)}")
-    return [SPLIT_BASE[split] + start + i for i in range(n)]
+def make_env(split, **options):
+    """An ALFWorld env of `split`; options: max_steps, cache_dir, data (auto | generated | official), expert
+    (handcoded | planner), expert_cap."""
+    envs.check_split(split)
+    envs.check_options("alfworld", options, OPTIONS)
+    return AlfWorld(split=split, **options)

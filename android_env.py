@@ -1,41 +1,63 @@
-"""AndroidWorld for Dyna-Mind: an adapter to the real benchmark and an offline text phone.
+"""AndroidWorld for Dyna-Mind: the JSON action schema, T3A's screen text, and the adapter to the real benchmark.
 
-Two environments implement the protocol of spec/INTERFACES.md:
+    make_env(split)                                   -> TextPhone, the offline stand-in (textphone.py)
+    make_env(split, backend="android_world", ...)     -> AndroidWorldEnv on an emulator
 
-- AndroidWorldEnv wraps google-research/android_world (an AsyncEnv on an Android emulator plus a TaskEval).
-  android_world is not on PyPI and needs an emulator (AVD Pixel_6 API 33, `-grpc 8554`), so it is imported
-  only when the adapter is built. Branching (get_state/set_state) replays the action prefix from reset:
-  EVERY branch costs a full task re-initialisation on the emulator (app snapshots restored, seconds each).
-- TextPhone is a STAND-IN, not AndroidWorld: seven small apps whose state is plain Python data, rendered as
-  the same T3A-style numbered UI-element list and driven by the same JSON actions. It exists so the method
-  can be trained and tested here, where no emulator runs. ID and OOD differ by task template.
+AndroidWorldEnv drives google-research/android_world (an AsyncEnv on an Android emulator plus a TaskEval).
+android_world imports DeepMind's `android_env` package, the same name as this file, so it never runs in this
+process: one worker process per emulator (multiprocessing, spawn context) drops this directory from its
+sys.path before importing android_world, and the env talks to it over a multiprocessing connection.
+Episodes follow android_world's runner (suite_utils / minimal_task_runner): params seeded as the suite seeds
+them, initialize_task, then reset(go_home=task.start_on_home_screen); observations with wait_to_stabilize=True;
+success only when the agent says status complete and is_successful is 1; int(10 x complexity) steps at most.
+Branching (get_state / set_state) replays the actions from reset and ends a branch whose screens differ from
+the recorded ones. Every replay costs a task re-initialisation on the emulator (app snapshots, seconds).
 
-Observation (both envs): one line per element, as T3A prints it, cut to the five fields the agent needs:
-  UI element 3: UIElement(text='Alice Smith', content_description=None, class_name='android.widget.TextView',
-  is_clickable=True, is_editable=False)
-(T3A prints the whole UIElement dataclass, 21 fields with bounding boxes; we keep five to keep prompts short.)
+Observation (both envs): the elements T3A lists (visible ones), numbered by their position in the device's
+list, each printed as str(UIElement) cut to the fields a text agent needs:
+  UI element 3: UIElement(text='Wi-Fi', content_description=None, class_name='android.widget.Switch',
+  hint_text=None, is_checked=True, is_clickable=True, is_editable=False)
 """
-import copy
+import atexit
+import hashlib
 import json
+import multiprocessing
+import os
+import random
 import re
+import sys
 
-import numpy as np
+import numpy
 
-RULES = """You operate an Android phone to complete the user's goal. Each screen is a numbered list of UI elements:
-UI element i: UIElement(text=..., content_description=..., class_name=..., is_clickable=..., is_editable=...)
-Answer with one JSON action per turn (optionally after "Action:"):
-{"action_type": "click", "index": i}            tap element i (also long_press, double_tap; or "x", "y")
-{"action_type": "input_text", "text": "...", "index": i}   replace the text of editable element i
+import envs
+
+RULES = """You operate an Android phone (an emulator running AndroidWorld) to complete the user's goal.
+Each screen is the phone's list of visible UI elements, numbered by their position in the device's list:
+UI element i: UIElement(text=..., content_description=..., class_name=..., hint_text=..., is_checked=...,
+is_clickable=..., is_editable=...)
+Answer with one JSON action per turn (optionally after "Action:"); i must be a listed element:
+{"action_type": "click", "index": i}            tap element i (also long_press, double_tap; or "x", "y" pixels)
+{"action_type": "input_text", "text": "...", "index": i}   tap field i, type the text after what it holds,
+    then press Enter; add "clear_text": true to replace what it holds
 {"action_type": "keyboard_enter"}  {"action_type": "navigate_back"}  {"action_type": "navigate_home"}
-{"action_type": "scroll", "direction": "down"}  page a long list (up/down/left/right, optional "index")
-{"action_type": "open_app", "app_name": "Contacts"}  {"action_type": "wait"}
-{"action_type": "answer", "text": "..."}        reply to a question before finishing
-{"action_type": "status", "goal_status": "complete"}   finish (or "infeasible"); the goal is then checked.
-A malformed or impossible action wastes a step and leaves the screen unchanged."""
+{"action_type": "scroll", "direction": "down"}  scroll the screen (up/down/left/right), or element i with "index"
+{"action_type": "swipe", "direction": "up"}     swipe across the screen (the opposite of scroll)
+{"action_type": "open_app", "app_name": "Settings"}  {"action_type": "wait"}
+{"action_type": "answer", "text": "..."}        reply to a question; the episode goes on
+{"action_type": "status", "goal_status": "complete"}   end the episode; the goal is then checked. "infeasible"
+    ends it as a failure, and so does running out of steps (10 per unit of the task's complexity).
+A malformed action or an index not on the screen wastes a step and changes nothing. A device error ends the
+episode."""
+
+HINT = ('Reply with one JSON action, e.g. {"action_type": "click", "index": 3}. Types: click/long_press/'
+        'double_tap (index), input_text (text, index, optional clear_text), scroll (direction), navigate_back, '
+        'navigate_home, open_app (app_name), answer (text), wait, status (goal_status: complete|infeasible).')
+
+# ----------------------------------------------------------------------------- the JSON action schema
 
 ACTION_TYPES = ("click", "long_press", "double_tap", "input_text", "keyboard_enter", "navigate_home",
                 "navigate_back", "scroll", "swipe", "open_app", "wait", "answer", "status")
-ACTION_KEYS = ("action_type", "index", "x", "y", "text", "direction", "app_name", "goal_status")
+ACTION_KEYS = ("action_type", "index", "x", "y", "text", "direction", "app_name", "goal_status", "clear_text")
 DIRECTIONS = ("up", "down", "left", "right")
 STATUS_DONE = '{"action_type": "status", "goal_status": "complete"}'
 
@@ -45,6 +67,63 @@ def _int(v, key):
     if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, str) and v.strip().isdigit())):
         raise ValueError(f"'{key}' must be an integer, got {v!r}")
     return int(v)
+
+
+def _target(t, d):
+    if "index" in d and ("x" in d or "y" in d):
+        raise ValueError(f"{t} takes either 'index' or 'x','y', not both")
+    if "index" in d:
+        return {"index": _int(d["index"], "index")}
+    if "x" in d and "y" in d:
+        return {"x": _int(d["x"], "x"), "y": _int(d["y"], "y")}
+    raise ValueError(f"{t} needs 'index' (or 'x' and 'y')")
+
+
+def _input(t, d):
+    if not isinstance(d.get("text"), str):
+        raise ValueError("input_text needs a string 'text'")
+    if "index" not in d:
+        raise ValueError("input_text needs 'index' of an editable element")
+    out = {"text": d["text"], "index": _int(d["index"], "index")}
+    if "clear_text" in d:
+        if not isinstance(d["clear_text"], bool):
+            raise ValueError("'clear_text' must be true or false")
+        out["clear_text"] = d["clear_text"]
+    return out
+
+
+def _direction(t, d):
+    if d.get("direction") not in DIRECTIONS:
+        raise ValueError(f"{t} needs 'direction' in up/down/left/right, got {d.get('direction')!r}")
+    return {"direction": d["direction"], **({"index": _int(d["index"], "index")} if d.get("index") is not None
+                                            else {})}
+
+
+def _app(t, d):
+    if not isinstance(d.get("app_name"), str) or not d["app_name"].strip():
+        raise ValueError("open_app needs a non-empty 'app_name'")
+    return {"app_name": d["app_name"].strip()}
+
+
+def _answer(t, d):
+    if not isinstance(d.get("text"), str):
+        raise ValueError("answer needs a string 'text'")
+    return {"text": d["text"]}
+
+
+def _status(t, d):
+    if d.get("goal_status") not in ("complete", "infeasible"):
+        raise ValueError("status needs 'goal_status' complete or infeasible")
+    return {"goal_status": d["goal_status"]}
+
+
+def _nothing(t, d):
+    return {}
+
+
+ARGS = {"click": _target, "long_press": _target, "double_tap": _target, "input_text": _input,
+        "scroll": _direction, "swipe": _direction, "open_app": _app, "answer": _answer, "status": _status,
+        "keyboard_enter": _nothing, "navigate_home": _nothing, "navigate_back": _nothing, "wait": _nothing}
 
 
 def parse_action(text):
@@ -62,198 +141,365 @@ def parse_action(text):
     if not isinstance(d, dict):
         raise ValueError("action must be a JSON object like {\"action_type\": ...}")
     t = d.get("action_type")
-    if t not in ACTION_TYPES:
+    if t not in ARGS:
         raise ValueError(f"unknown action_type {t!r}; use one of {', '.join(ACTION_TYPES)}")
-    extra = [k for k in d if k not in ACTION_KEYS]
+    extra = [k for k in d if k not in ACTION_KEYS or (k == "clear_text" and t != "input_text")]
     if extra:
         raise ValueError(f"unexpected field {extra[0]!r} for {t}")
-    out = {"action_type": t}
-    if t in ("click", "long_press", "double_tap"):
-        if "index" in d and ("x" in d or "y" in d):
-            raise ValueError(f"{t} takes either 'index' or 'x','y', not both")
-        if "index" in d:
-            out["index"] = _int(d["index"], "index")
-        elif "x" in d and "y" in d:
-            out["x"], out["y"] = _int(d["x"], "x"), _int(d["y"], "y")
-        else:
-            raise ValueError(f"{t} needs 'index' (or 'x' and 'y')")
-    elif t == "input_text":
-        if not isinstance(d.get("text"), str):
-            raise ValueError("input_text needs a string 'text'")
-        if "index" not in d:
-            raise ValueError("input_text needs 'index' of an editable element")
-        out["text"], out["index"] = d["text"], _int(d["index"], "index")
-    elif t in ("scroll", "swipe"):
-        if d.get("direction") not in DIRECTIONS:
-            raise ValueError(f"{t} needs 'direction' in up/down/left/right, got {d.get('direction')!r}")
-        out["direction"] = d["direction"]
-        if d.get("index") is not None:
-            out["index"] = _int(d["index"], "index")
-    elif t == "open_app":
-        if not isinstance(d.get("app_name"), str) or not d["app_name"].strip():
-            raise ValueError("open_app needs a non-empty 'app_name'")
-        out["app_name"] = d["app_name"].strip()
-    elif t == "answer":
-        if not isinstance(d.get("text"), str):
-            raise ValueError("answer needs a string 'text'")
-        out["text"] = d["text"]
-    elif t == "status":
-        if d.get("goal_status") not in ("complete", "infeasible"):
-            raise ValueError("status needs 'goal_status' complete or infeasible")
-        out["goal_status"] = d["goal_status"]
-    return out
+    return {"action_type": t, **ARGS[t](t, d)}
 
 
 def act(action_type, **kw):
     return json.dumps({"action_type": action_type, **kw})
 
 
-def ui_line(i, text, desc, cls, clickable, editable):
-    # dataclass repr style, as str(UIElement) prints in T3A
-    return (f"UI element {i}: UIElement(text={text!r}, content_description={desc!r}, class_name={cls!r}, "
-            f"is_clickable={clickable!r}, is_editable={editable!r})")
+# ----------------------------------------------------------------------------- T3A's screen text
+
+TV, BTN, EDIT, SW, IMG, RADIO = ("android.widget.TextView", "android.widget.Button", "android.widget.EditText",
+                                 "android.widget.Switch", "android.widget.ImageButton", "android.widget.RadioButton")
+# UIElement's own fields, in its order, that a text agent needs (T3A prints all 22, bounding boxes included)
+FIELDS = ("text", "content_description", "class_name", "hint_text", "is_checked", "is_clickable", "is_editable")
 
 
-def compact_line(i, text, desc, cls, clickable, editable):
-    """The same facts in about a fifth of the characters, for small byte-level models (env_kwargs compact)."""
-    flags = (" clickable" if clickable else "") + (" editable" if editable else "")
-    return f"{i}: {cls.rsplit('.', 1)[-1]} {text if text is not None else desc!r}{flags}"
+def ui_line(i, el):
+    """One element as T3A prints it: f'UI element {i}: {str(ui_element)}', cut to FIELDS."""
+    return f"UI element {i}: UIElement(" + ", ".join(f"{k}={el.get(k)!r}" for k in FIELDS) + ")"
 
 
-def _lines(text):
-    return {" ".join(l.split()) for l in text.splitlines() if l.strip()}
+def compact_line(i, el):
+    """The same facts in about a fifth of the characters, for small byte-level models (option compact)."""
+    label = next((el[k] for k in ("text", "content_description", "hint_text") if el.get(k) is not None), None)
+    hint = f" hint={el['hint_text']!r}" if el.get("hint_text") is not None and label != el["hint_text"] else ""
+    flags = ((" clickable" if el.get("is_clickable") else "") + (" editable" if el.get("is_editable") else "")
+             + ((" on" if el.get("is_checked") else " off") if el.get("is_checkable") else ""))
+    return f"{i}: {str(el.get('class_name')).rsplit('.', 1)[-1]} {label!r}{hint}{flags}"
+
+
+def render(pairs, compact=False):
+    """The screen text of (index, element) pairs."""
+    line = compact_line if compact else ui_line
+    return "\n".join(line(i, el) for i, el in pairs)
 
 
 def state_similarity(imagined, real):
-    """F1 over the sets of non-empty UI lines (whitespace-normalised)."""
-    a, b = _lines(imagined or ""), _lines(real or "")
-    if not a and not b:
-        return 1.0
-    common = len(a & b)
-    if common == 0:
-        return 0.0
-    p, r = common / len(a), common / len(b)
-    return 2 * p * r / (p + r)
+    """F1 over the whitespace-normalised non-empty lines of two screens."""
+    def lines(text):
+        return [" ".join(l.split()) for l in str(text or "").splitlines() if l.strip()]
+    return envs.f1(lines(imagined), lines(real))
 
 
-HINT = ('Reply with one JSON action, e.g. {"action_type": "click", "index": 3}. Types: click/long_press/'
-        'double_tap (index), input_text (text, index), scroll (direction), navigate_back, navigate_home, '
-        'open_app (app_name), answer (text), wait, status (goal_status: complete|infeasible).')
+# ----------------------------------------------------------------------------- the android_world worker
+# Everything in this section up to AndroidWorldEnv runs in the worker process, where android_world is imported.
+
+INSTALL_HINT = ("android_world could not be imported in the worker (it is not on PyPI). Install it from source "
+                "(git clone https://github.com/google-research/android_world && pip install -e android_world), "
+                "or pass android_world_path=<the checkout>; then start an emulator: "
+                "emulator -avd AndroidWorldAvd -no-snapshot -grpc 8554. Offline, use the default backend "
+                "(TextPhone).")
+ELEMENT_FIELDS = FIELDS + ("is_checkable",)
 
 
-# ----------------------------------------------------------------------------- AndroidWorld adapter
-
-INSTALL_HINT = ("android_world is not installed (it is not on PyPI). Install it from source: "
-                "git clone https://github.com/google-research/android_world && pip install -e android_world, "
-                "then start an emulator: emulator -avd Pixel_6_API_33 -no-snapshot -grpc 8554. "
-                "Offline, use TextPhone / make_env() instead.")
-
-
-def _import_json_action():
-    try:
-        from android_world.env import json_action
-    except ImportError as e:
-        raise ImportError(f"{INSTALL_HINT} ({e})") from e
-    return json_action.JSONAction
+def _clean_imports(android_world_path):
+    """Let `import android_env` find DeepMind's package: the worker imported this file under that name (to
+    run _serve), and this directory may be on sys.path (the script's folder, the cwd, pytest's rootdir)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if getattr(sys.modules.get("android_env"), "__file__", None) == os.path.abspath(__file__):
+        del sys.modules["android_env"]
+    sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.getcwd()) != os.path.realpath(here)]
+    if android_world_path:
+        sys.path.insert(0, os.path.abspath(os.path.expanduser(android_world_path)))
 
 
-def _visible(el, screen):
-    # m3a_utils.validate_ui_element: T3A lists only visible elements with an on-screen box
-    if getattr(el, "is_visible", True) is False:
+def _visible(el, size):
+    # m3a_utils.validate_ui_element: T3A lists only visible elements whose box meets the screen
+    if not el.is_visible:
         return False
-    b = getattr(el, "bbox_pixels", None)
-    if b is None or screen is None:
-        return True
-    w, h = screen
-    return not (b.x_min >= b.x_max or b.x_min >= w or b.x_max <= 0 or b.y_min >= b.y_max
-                or b.y_min >= h or b.y_max <= 0)
+    b, (w, h) = el.bbox_pixels, size
+    return b is None or not (b.x_min >= b.x_max or b.x_min >= w or b.x_max <= 0 or b.y_min >= b.y_max
+                             or b.y_min >= h or b.y_max <= 0)
+
+
+class _Phone:
+    """The worker's side: one AsyncEnv on one emulator and the current TaskEval. Replies are plain data."""
+
+    def __init__(self, launcher_kwargs):
+        import android_env as deepmind_android_env
+        from android_world import registry
+        from android_world.env import env_launcher, json_action
+        self.JSONAction, self.task = json_action.JSONAction, None
+        self.env = env_launcher.load_and_setup_env(**launcher_kwargs)
+        tr = registry.TaskRegistry()
+        self.registry = tr.get_registry(tr.ANDROID_WORLD_FAMILY)
+        self.android_env_file = deepmind_android_env.__file__
+
+    def setup(self):
+        return {"tasks": sorted(self.registry), "android_env": self.android_env_file}
+
+    def screen(self):
+        """The visible elements as dicts of FIELDS, each with its index in the device's list."""
+        state, size = self.env.get_state(wait_to_stabilize=True), self.env.logical_screen_size
+        return [dict({k: getattr(e, k, None) for k in ELEMENT_FIELDS}, index=i)
+                for i, e in enumerate(state.ui_elements) if _visible(e, size)]
+
+    def start(self, name, seed):
+        """suite_utils' order: tear down the last task, seed params, initialize_task, then reset(go_home)."""
+        if self.task is not None and self.task.initialized:
+            self.task.tear_down(self.env)
+        cls = self.registry[name]
+        if hasattr(cls, "set_device_time"):
+            cls.set_device_time(self.env)
+        random.seed(seed)  # as suite_utils._instantiate_task; numpy too: android_world's data generators
+        numpy.random.seed(seed % 2 ** 32)  # draw from it (random video frames), so a replay makes the same files
+        params = cls.generate_random_params()
+        params["seed"] = seed
+        self.task = cls(params)
+        self.task.initialize_task(self.env)
+        self.env.reset(go_home=self.task.start_on_home_screen)
+        return {"goal": self.task.goal, "complexity": float(self.task.complexity), "screen": self.screen()}
+
+    def act(self, action):
+        self.env.execute_action(self.JSONAction(**action))
+        return self.screen()
+
+    def check(self):
+        return float(self.task.is_successful(self.env))
+
+    def close(self):
+        if self.task is not None and self.task.initialized:
+            self.task.tear_down(self.env)
+        self.env.close()
+
+
+def _serve(conn, launcher_kwargs, android_world_path):
+    """The worker's loop: (method, args) in, ("ok" | "invalid" | "error", value) out, until close or EOF."""
+    _clean_imports(android_world_path)
+    try:
+        phone = _Phone(launcher_kwargs)
+    except ImportError as e:
+        return conn.send(("error", f"{INSTALL_HINT} ({type(e).__name__}: {e})"))
+    except Exception as e:  # no emulator on that port, adb missing, ...
+        return conn.send(("error", f"could not connect to the emulator with {launcher_kwargs}: "
+                                   f"{type(e).__name__}: {e}"))
+    conn.send(("ok", phone.setup()))
+    while True:
+        try:
+            method, args = conn.recv()
+        except (EOFError, OSError):  # the env's process is gone
+            break
+        try:
+            reply = ("ok", getattr(phone, method)(*args))
+        except ValueError as e:  # JSONAction / actuation rejected the action: an invalid step
+            reply = ("invalid", str(e))
+        except Exception as e:  # adb, gRPC, a task's setup: the device cannot go on
+            reply = ("error", f"{type(e).__name__}: {e}")
+        conn.send(reply)
+        if method == "close":
+            break
+
+
+# ----------------------------------------------------------------------------- the env's side of the worker
+
+class DeviceError(RuntimeError):
+    """The emulator or its worker failed: the episode cannot go on."""
+
+
+class Device:
+    """A handle on one worker process, i.e. one emulator. `owner` is the env whose episode the device holds."""
+
+    def __init__(self, launcher_kwargs, android_world_path=None, timeout=300.0):
+        ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold torch threads
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve, args=(child, launcher_kwargs, android_world_path), daemon=True,
+                                name=f"android_world:{launcher_kwargs.get('console_port')}")
+        self.proc.start()
+        child.close()
+        self.timeout, self.owner = timeout, None
+        # android_world's first-time app setup (emulator_setup) installs apps: allow it an hour
+        self.info = self._reply(3600 if launcher_kwargs.get("emulator_setup") else timeout)
+
+    def alive(self):
+        return self.proc.is_alive()
+
+    def call(self, method, *args):
+        """Run a _Phone method in the worker. ValueError: the device rejected the action; DeviceError: any
+        failure of the device or the worker."""
+        if not self.alive():
+            raise DeviceError(f"the android_world worker has exited (exit code {self.proc.exitcode})")
+        try:
+            self.conn.send((method, args))
+        except OSError as e:
+            raise DeviceError(f"cannot reach the android_world worker: {e}") from None
+        return self._reply(self.timeout)
+
+    def _reply(self, timeout):
+        if not self.conn.poll(timeout):
+            self.close(wait=0)  # a hung adb call: its state is unknown, so start afresh at the next reset
+            raise DeviceError(f"no answer from the device in {timeout:.0f} s")
+        try:
+            kind, value = self.conn.recv()
+        except (EOFError, OSError):
+            self.proc.join(5)
+            raise DeviceError(f"the android_world worker died (exit code {self.proc.exitcode})") from None
+        if kind == "invalid":
+            raise ValueError(value)
+        if kind == "error":
+            raise DeviceError(value)
+        return value
+
+    def close(self, wait=30):
+        if self.alive() and wait:
+            try:
+                self.conn.send(("close", ()))
+                self.conn.poll(wait)
+            except OSError:
+                pass
+        if self.alive():
+            self.proc.kill()
+        self.proc.join(5)
+
+
+DEVICES = {}  # (launcher kwargs, android_world_path) -> Device: one worker per emulator in this process
+
+
+def device_for(launcher_kwargs, android_world_path=None, timeout=300.0):
+    """The live worker of this emulator; a new one if there is none or it died (the emulator restarted)."""
+    key = (json.dumps(launcher_kwargs, sort_keys=True), android_world_path)
+    if key not in DEVICES or not DEVICES[key].alive():
+        DEVICES[key] = Device(launcher_kwargs, android_world_path, timeout)
+    return DEVICES[key]
+
+
+@atexit.register
+def _close_devices():
+    for d in DEVICES.values():  # tear down the last task, as the suite does after each one
+        d.close(wait=10)
+
+
+# ----------------------------------------------------------------------------- the adapter
+
+def task_split(name):
+    """'ood' for about a quarter of the task templates, by a hash of the class name (so adding tasks to the
+    registry moves none), 'id' for the rest. train and id share templates and differ by seed, as in TextPhone."""
+    return "ood" if int(hashlib.sha256(name.encode()).hexdigest(), 16) % 4 == 0 else "id"
+
+
+def split_tasks(names, split, only=None):
+    """The registry's task names of a split (train and id: the ID templates), narrowed to `only` if given."""
+    known, only = set(names), [only] if isinstance(only, str) else only
+    if only is not None:
+        bad = sorted(set(only) - known)
+        if bad:
+            raise ValueError(f"unknown android_world task(s) {bad}; the registry has: {sorted(known)}")
+        known &= set(only)
+    want = "ood" if split == "ood" else "id"
+    out = sorted(n for n in known if task_split(n) == want)
+    if not out:
+        raise ValueError(f"no android_world task of split {split!r} among {sorted(known)}; "
+                         f"its tasks: {sorted(n for n in names if task_split(n) == want)}")
+    return out
 
 
 class AndroidWorldEnv:
-    """The real benchmark behind the env protocol.
+    """The real benchmark behind the env protocol (see module docstring). task_type = the TaskEval's class name;
+    reset(seed) runs tasks[seed % len(tasks)] with its params seeded by `seed`."""
+    name, rules = "android", RULES
 
-    aw_env: an android_world AsyncEnv (e.g. from AndroidWorldEnv.connect()).
-    task_fn(seed) -> a NEW TaskEval (android_world's initialize_task may run once per instance), e.g.
-        lambda s: (random.seed(s), Cls(Cls.generate_random_params()))[1]
-    json_action: the JSONAction class; None imports android_world's (tests pass a fake).
-    Branching replays from reset: set_state costs a task re-initialisation plus len(prefix) device actions.
-    """
-    name = "android"
+    def __init__(self, connect, tasks, *, max_steps=None, compact=False):
+        self.connect = connect  # () -> the live Device of this env's emulator
+        self.device, self.tasks = connect(), list(tasks)
+        self.max_steps_override, self.compact = max_steps, compact
+        self.task, self.obs, self.task_type, self.seed = "", "", "", None
+        self.actions, self.screens = [], []  # screens[k]: the visible elements after k steps
+        self.steps, self.max_steps, self.done, self.success = 0, 0, False, False
+        self.resets = 0  # task initialisations on the device so far (the cost of branching, for logs)
 
-    def __init__(self, aw_env, task_fn, *, json_action=None, max_steps=None):
-        self.JSONAction = json_action if json_action is not None else _import_json_action()
-        self.aw, self.task_fn, self.max_steps_override = aw_env, task_fn, max_steps
-        self.task_eval, self.task, self.obs = None, "", ""
-        self.seed, self.actions, self.steps, self.max_steps = None, [], 0, 0
-        self.done = self.success = False
-        self.resets = 0  # device task initialisations so far (branching cost, for logging)
-
-    @classmethod
-    def connect(cls, task_fn, **launcher_kw):
-        """Connect to a running emulator via android_world's env_launcher (console_port, adb_path, ...)."""
-        _import_json_action()
-        from android_world.env import env_launcher
-        return cls(env_launcher.load_and_setup_env(**launcher_kw), task_fn)
-
-    def _elements(self):
-        return list(self.aw.get_state().ui_elements)
-
-    def _observe(self):
-        els = self._elements()
-        screen = getattr(self.aw, "logical_screen_size", None)
-        return "\n".join(ui_line(i, e.text, e.content_description, e.class_name, e.is_clickable, e.is_editable)
-                         for i, e in enumerate(els) if _visible(e, screen))
-
-    def _check(self):
-        return float(self.task_eval.is_successful(self.aw)) >= 1.0
-
+    # ---- protocol
     def reset(self, seed):
-        if self.task_eval is not None and hasattr(self.task_eval, "tear_down"):
-            self.task_eval.tear_down(self.aw)
-        self.seed, self.actions, self.steps = seed, [], 0
+        return self._start(seed, self.tasks[seed % len(self.tasks)])
+
+    def _start(self, seed, task_type):
+        self.seed, self.task_type, self.actions, self.steps = seed, task_type, [], 0
         self.done = self.success = False
-        self.task_eval = self.task_fn(seed)
-        self.aw.reset(go_home=True)
-        self.task_eval.initialize_task(self.aw)
         self.resets += 1
-        self.task = self.task_eval.goal
-        self.max_steps = self.max_steps_override or max(1, int(self.task_eval.complexity * 10))
-        self.obs = self._observe()
+        try:
+            self.device = self.connect()
+            self.device.owner = self
+            out = self.device.call("start", task_type, seed)
+        except (DeviceError, ValueError) as e:  # the suite skips such a task; here it is a failed episode
+            self.task, self.max_steps, self.screens, self.done = "", 0, [[]], True
+            self.obs = f"Device error while setting up {task_type}: {e}. This episode is over."
+            return self.obs
+        self.task = out["goal"]
+        self.max_steps = self.max_steps_override or int(10 * out["complexity"])
+        self.screens = [out["screen"]]
+        self.obs = self._text(out["screen"])
         return self.obs
 
     def step(self, action):
         if self.done:
-            return self.obs, 0.0, True, {"success": self.success, "action_is_valid": False,
-                                         "error": "episode is over"}
-        self.actions.append(action)
+            return envs.after_done(self)
+        if self.device.owner is not self:  # another env on this emulator moved it: put this episode back
+            self._replay(self.get_state())
+            if self.done:
+                return envs.after_done(self)
         self.steps += 1
-        err = None
+        self.actions.append(action)
+        screen, note, valid = self.screens[-1], "", True
         try:
-            d = parse_action(action)
-            n = len(self._elements())
-            if "index" in d and not 0 <= d["index"] < n:
-                raise ValueError(f"index {d['index']} out of range (screen has {n} elements)")
-            if d["action_type"] == "status":
+            a = parse_action(action)
+            if "index" in a and a["index"] not in {el["index"] for el in screen}:
+                raise ValueError(f"index {a['index']} is not an element on this screen")
+            if a["action_type"] == "status":
                 self.done = True
-            else:
-                self.aw.execute_action(self.JSONAction(**d))
-        except Exception as e:  # a device hiccup or a bad action is an invalid step, never a crash
-            err = str(e)
-        if self.done or self.steps >= self.max_steps:
-            self.done, self.success = True, self._check()
-        screen = self._observe()
-        self.obs = screen if err is None else f"Invalid action: {err}\n{screen}"
-        info = {"success": self.success, "action_is_valid": err is None, "error": err}
-        return self.obs, (1.0 if self.success else 0.0), self.done, info
+                self.success = a["goal_status"] == "complete" and self._check()
+            else:  # answer too: the device keeps it for information tasks' is_successful
+                screen = self.device.call("act", a)
+        except ValueError as e:
+            note, valid = f"Invalid action: {e}\n", False
+        except DeviceError as e:
+            note, valid, self.done = f"Device error: {e}. The episode ends here.\n", False, True
+        if self.steps >= self.max_steps:
+            self.done = True  # the benchmark awards nothing at the step cap
+        self.screens.append(screen)
+        self.obs = note + self._text(screen)
+        return self.obs, float(self.success), self.done, {"success": self.success, "action_is_valid": valid}
+
+    def _check(self):
+        try:
+            return self.device.call("check") >= 1.0
+        except (DeviceError, ValueError):
+            return False
+
+    def _text(self, screen):
+        return render([(el["index"], el) for el in screen], self.compact)
 
     def get_state(self):
-        return {"seed": self.seed, "actions": list(self.actions), "obs": self.obs}
+        return {"seed": self.seed, "task_type": self.task_type, "actions": list(self.actions),
+                "screens": list(self.screens), "obs": self.obs, "steps": self.steps, "done": self.done,
+                "success": self.success}
 
     def set_state(self, state):
-        # replay from reset: the emulator cannot snapshot cheaply, so each branch re-initialises the task
-        self.reset(state["seed"])
-        for a in state["actions"]:
-            self.step(a)
+        """Replay state's actions from reset (or go on from here if this episode is a prefix of it)."""
+        n = len(self.actions)
+        ahead = (self.device.owner is self and (state["seed"], state["task_type"]) == (self.seed, self.task_type)
+                 and state["actions"][:n] == self.actions and self.screens == state["screens"][:n + 1]
+                 and (not self.done or len(state["actions"]) == n))
+        self._replay(state, n if ahead else None)
+
+    def _replay(self, state, start=None):
+        if start is None:
+            self._start(state["seed"], state["task_type"])
+            start = 0
+        for k in range(start, len(state["actions"]) + 1):
+            if k > start:
+                self.step(state["actions"][k - 1])
+            if self.screens[k] != state["screens"][k]:
+                self.done, self.success = True, False
+                self.obs = (f"Replay diverged at step {k}: the device shows another screen than when this branch "
+                            f"was recorded, so the branch ends here.\n{self._text(self.screens[k])}")
+                return
+            if self.done:
+                return
 
     def render(self):
         return self.obs
@@ -262,11 +508,9 @@ class AndroidWorldEnv:
         return None  # no oracle on a real device
 
     def valid_actions(self):
-        screen = getattr(self.aw, "logical_screen_size", None)
-        els = self._elements()
-        out = [act("click", index=i) for i, e in enumerate(els) if e.is_clickable and _visible(e, screen)]
-        out += [act("input_text", text="test", index=i) for i, e in enumerate(els)
-                if e.is_editable and _visible(e, screen)]
+        screen = self.screens[-1] if self.screens else []
+        out = [act("click", index=el["index"]) for el in screen if el["is_clickable"]]
+        out += [act("input_text", text="test", index=el["index"]) for el in screen if el["is_editable"]]
         return out + [act("scroll", direction="down"), act("scroll", direction="up"), act("navigate_back"),
                       act("navigate_home"), STATUS_DONE]
 
@@ -276,882 +520,51 @@ class AndroidWorldEnv:
     def state_similarity(self, imagined, real):
         return state_similarity(imagined, real)
 
-
-# ----------------------------------------------------------------------------- the offline text phone
-
-PAGE = 5                      # list items per screen page; longer lists need scroll
-ROW_TOP, ROW_H = 200, 100     # pseudo layout so clicks by x,y map to an element row
-APPS = ("Contacts", "Clock", "Notes", "Messages", "Settings", "Expenses", "Files")
-TV, BTN, EDIT, SW, IMG = ("android.widget.TextView", "android.widget.Button", "android.widget.EditText",
-                          "android.widget.Switch", "android.widget.ImageButton")
-SETTINGS = ("Wi-Fi", "Bluetooth", "Airplane mode", "Dark theme")
-CATEGORIES = ("Food", "Transport", "Shopping", "Bills", "Health", "Fun")
-FIRST = ("Alice", "Bob", "Carol", "David", "Emma", "Frank", "Grace", "Henry", "Irene", "Jack", "Karen",
-         "Liam", "Maria", "Noah", "Olivia", "Paul", "Rosa", "Sam", "Tina", "Victor")
-LAST = ("Smith", "Jones", "Brown", "Garcia", "Miller", "Davis", "Lopez", "Wilson", "Moore", "Clark")
-NOTES = ("Groceries", "Trip ideas", "Meeting", "Books", "Recipes", "Gym plan", "Birthday", "Garden",
-         "Budget", "Movies", "Packing list", "Chores", "Passwords hint", "Podcasts")
-BODIES = ("milk, eggs, bread", "call the plumber", "ask about the deadline", "read two chapters",
-          "buy a gift", "water the plants", "pay rent on Friday", "pick up the keys")
-TEXTS = ("See you at 6", "Running late", "Call me back", "Happy birthday!", "Lunch tomorrow?",
-         "Thanks a lot", "On my way", "Meeting moved to 3pm", "Did you get the tickets?", "Good night")
-EXPENSES = ("Lunch", "Taxi", "Groceries", "Cinema", "Pharmacy", "Electricity", "Coffee", "Bus pass",
-            "Shoes", "Internet", "Dinner", "Concert", "Vitamins", "Train ticket")
-FILES = ("report.pdf", "photo_01.jpg", "notes.txt", "budget.xlsx", "slides.pptx", "song.mp3",
-         "invoice_2024.pdf", "draft.docx", "map.png", "backup.zip", "resume.pdf", "video.mp4")
-PREFIXES = ("final_", "old_", "copy_", "v2_", "shared_")
-
-
-def _el(text, desc=None, cls=TV, click=False, edit=False, do=None):
-    return dict(text=text, desc=desc, cls=cls, click=click, edit=edit, do=do)
-
-
-def _field(label, value):
-    return _el(value or None, label, EDIT, True, True, ("field", label))
-
-
-def _phone(rng):
-    return f"555-{int(rng.integers(1000, 10000))}"
-
-
-def _digits(s):
-    return re.sub(r"\D", "", s or "")
-
-
-def _random_data(rng):
-    """Initial phone contents; every item has a stable id so screens survive deletions."""
-    d = {"next_id": 0, "answer": None}
-
-    def ids(items):
-        for it in items:
-            it["id"] = d["next_id"]
-            d["next_id"] += 1
-        return items
-    names = [f"{FIRST[i // len(LAST)]} {LAST[i % len(LAST)]}"
-             for i in rng.choice(len(FIRST) * len(LAST), size=int(rng.integers(4, 10)), replace=False)]
-    d["contacts"] = ids([{"name": n, "phone": _phone(rng)} for n in sorted(names)])
-    times = sorted({f"{int(rng.integers(5, 12)):02d}:{int(rng.choice([0, 15, 30, 45])):02d}"
-                    for _ in range(int(rng.integers(1, 5)))})
-    d["alarms"] = ids([{"time": t, "on": bool(rng.random() < 0.6)} for t in times])
-    d["notes"] = ids([{"title": NOTES[i], "body": BODIES[int(rng.integers(len(BODIES)))]}
-                      for i in rng.choice(len(NOTES), size=int(rng.integers(3, 9)), replace=False)])
-    d["messages"] = [{"to": names[int(rng.integers(len(names)))], "text": TEXTS[int(rng.integers(len(TEXTS)))]}
-                     for _ in range(int(rng.integers(2, 6)))]
-    d["settings"] = {k: bool(rng.random() < 0.5) for k in SETTINGS}
-    d["expenses"] = ids([{"name": EXPENSES[i], "amount": int(rng.integers(2, 120)),
-                          "category": CATEGORIES[int(rng.integers(len(CATEGORIES)))]}
-                         for i in rng.choice(len(EXPENSES), size=int(rng.integers(3, 9)), replace=False)])
-    d["files"] = ids([{"name": FILES[i]} for i in rng.choice(len(FILES), size=int(rng.integers(4, 9)),
-                                                              replace=False)])
-    return d
-
-
-def _by_id(items, i):
-    return next((it for it in items if it["id"] == i), None)
-
-
-class TextPhone:
-    """Offline STAND-IN for AndroidWorld (not the real benchmark): apps as Python data, T3A-style screens."""
-    name = "android"
-
-    def __init__(self, templates=None, max_steps=None, compact=False):
-        self.templates = list(templates or ID_TEMPLATES)
-        self.line = compact_line if compact else ui_line
-        bad = [t for t in self.templates if t not in TEMPLATES]
-        if bad:
-            raise ValueError(f"unknown task template {bad[0]!r}; known: {sorted(TEMPLATES)}")
-        self.max_steps_override = max_steps
-        self.data, self.stack, self.params, self.template = {}, [{"name": "home"}], {}, None
-        self.task, self.obs, self.seed = "", "", None
-        self.steps, self.max_steps, self.done, self.success = 0, 0, False, False
-
-    # ---- protocol
-    def reset(self, seed):
-        rng = np.random.default_rng(seed)
-        self.seed = seed
-        self.template = self.templates[int(rng.integers(len(self.templates)))]
-        self.data = _random_data(rng)
-        gen, _, _, complexity = TEMPLATES[self.template]
-        self.params, self.task = gen(rng, self.data)
-        self.stack = [{"name": "home"}]
-        self.steps, self.done, self.success = 0, False, False
-        self.max_steps = self.max_steps_override or int(complexity * 10)
-        self.obs = self._render()
-        return self.obs
-
-    def step(self, action):
-        if self.done:
-            return self.obs, 0.0, True, {"success": self.success, "action_is_valid": False,
-                                         "error": "episode is over", "template": self.template}
-        self.steps += 1
-        err = None
-        try:
-            self._apply(parse_action(action))
-        except ValueError as e:
-            err = str(e)
-        if self.done or self.steps >= self.max_steps:
-            self.done, self.success = True, self.check()
-        self.obs = self._render() if err is None else f"Invalid action: {err}\n{self._render()}"
-        info = {"success": self.success, "action_is_valid": err is None, "error": err, "template": self.template}
-        return self.obs, (1.0 if self.success else 0.0), self.done, info
-
-    def check(self):
-        return bool(TEMPLATES[self.template][1](self.data, self.params))
-
-    _STATE = ("seed", "template", "params", "task", "data", "stack", "steps", "max_steps", "done", "success",
-              "obs")
-
-    def get_state(self):
-        return copy.deepcopy({k: getattr(self, k) for k in self._STATE})
-
-    def set_state(self, state):
-        for k, v in copy.deepcopy(state).items():
-            setattr(self, k, v)
-
-    def render(self):
-        return self.obs
-
-    def action_hint(self):
-        return HINT
-
-    def state_similarity(self, imagined, real):
-        return state_similarity(imagined, real)
-
-    def expert_plan(self, limit=40):
-        """Roll the template's oracle policy forward on a copy; None if the goal can no longer be reached."""
-        sim = TextPhone(self.templates, self.max_steps_override)
-        sim.set_state(self.get_state())
-        sim.done, sim.max_steps, plan = False, 10 ** 9, []
-        for _ in range(limit):
-            a = TEMPLATES[sim.template][2](sim, sim.params)
-            if a is None:
-                return None
-            plan.append(a)
-            _, _, done, info = sim.step(a)
-            if not info["action_is_valid"]:
-                return None
-            if done:
-                return plan if sim.success else None
-        return None
-
-    def valid_actions(self):
-        els = self.elements()
-        out = [act("click", index=i) for i, e in enumerate(els) if e["click"] and not e["edit"]]
-        words = [v for v in self.params.values() if isinstance(v, str)] + ["test"]
-        out += [act("input_text", text=w, index=i) for i, e in enumerate(els) if e["edit"] for w in words]
-        if self._list() is not None:
-            out += [act("scroll", direction="down"), act("scroll", direction="up")]
-        out += [act("navigate_back"), act("navigate_home")] + [act("open_app", app_name=a) for a in APPS]
-        return out + [STATUS_DONE]
-
-    # ---- screens
-    def _render(self):
-        return "\n".join(self.line(i, e["text"], e["desc"], e["cls"], e["click"], e["edit"])
-                         for i, e in enumerate(self.elements()))
-
-    def _list(self):
-        """(items, label_fn, open_fn) of the scrollable list on this screen, or None."""
-        d, name = self.data, self.stack[-1]["name"]
-        if name == "contacts":
-            return d["contacts"], lambda c: (c["name"], None), lambda c: {"name": "contact", "id": c["id"]}
-        if name == "clock":
-            return d["alarms"], None, lambda a: {"name": "alarm", "id": a["id"]}
-        if name == "notes":
-            return d["notes"], lambda n: (n["title"], None), lambda n: {"name": "note", "id": n["id"]}
-        if name == "messages":
-            return (self._threads(), lambda t: (t["to"], t["text"]),
-                    lambda t: {"name": "thread", "to": t["to"], "fields": {"Message": ""}})
-        if name == "expenses":
-            return (d["expenses"], lambda e: (e["name"], f"{e['amount']} · {e['category']}"),
-                    lambda e: {"name": "expense", "id": e["id"]})
-        if name == "files":
-            return d["files"], lambda f: (f["name"], None), lambda f: {"name": "file", "id": f["id"]}
-        return None
-
-    def _threads(self):
-        last = {}
-        for m in self.data["messages"]:  # latest message per contact, most recent thread first
-            last.pop(m["to"], None)
-            last[m["to"]] = m
-        return list(reversed(list(last.values())))
-
-    def page(self):
-        items = self._list()[0]
-        top = max(0, (len(items) - 1) // PAGE)
-        return min(self.stack[-1].get("page", 0), top)
-
-    def _page_items(self):
-        items = self._list()[0]
-        p = self.page()
-        return items, items[p * PAGE:(p + 1) * PAGE], p
-
-    def _list_els(self, title, add=None):
-        items, shown, p = self._page_items()
-        _, label, opener = self._list()
-        els = [_el(title)]
-        for it in shown:
-            if label is None:  # alarm row: time plus its on/off switch
-                els += [_el(it["time"], None, TV, True, do=("push", opener(it))),
-                        _el("On" if it["on"] else "Off", f"{it['time']} alarm", SW, True,
-                            do=("toggle_alarm", it["id"]))]
-            else:
-                t, desc = label(it)
-                els.append(_el(t, desc, TV, True, do=("push", opener(it))))
-        if not items:
-            els.append(_el("Nothing here yet"))
-        elif len(items) > PAGE:
-            els.append(_el(f"Showing {p * PAGE + 1}-{p * PAGE + len(shown)} of {len(items)}"))
-        if add:
-            els.append(_el(None, add[0], IMG, True, do=("push", add[1])))
-        return els
-
-    def elements(self):
-        d, s = self.data, self.stack[-1]
-        n, f = s["name"], s.get("fields", {})
-        err = [_el(s["error"])] if s.get("error") else []
-        if n == "home":
-            return [_el("Home")] + [_el(a, None, TV, True, do=("open", a)) for a in APPS]
-        if n == "contacts":
-            return self._list_els("Contacts", ("Add contact", {"name": "contact_form", "id": None,
-                                                               "fields": {"Name": "", "Phone": ""}}))
-        if n == "contact":
-            c = _by_id(d["contacts"], s["id"])
-            return [_el(c["name"]), _el(c["phone"], "Phone"),
-                    _el("Edit", None, BTN, True, do=("push", {"name": "contact_form", "id": c["id"], "fields": {
-                        "Name": c["name"], "Phone": c["phone"]}})),
-                    _el("Message", None, BTN, True, do=("push", {"name": "compose", "fields": {
-                        "To": c["name"], "Message": ""}})),
-                    _el("Delete", None, BTN, True, do=("delete", ("contacts", c["id"])))]
-        if n == "contact_form":
-            return [_el("New contact" if s["id"] is None else "Edit contact"), _field("Name", f["Name"]),
-                    _field("Phone", f["Phone"]), _el("Save", None, BTN, True, do=("save_contact", None))] + err
-        if n == "clock":
-            return self._list_els("Alarms", ("Add alarm", {"name": "alarm_form",
-                                                           "fields": {"Hour": "", "Minute": ""}}))
-        if n == "alarm":
-            a = _by_id(d["alarms"], s["id"])
-            return [_el(a["time"]), _el("On" if a["on"] else "Off", f"{a['time']} alarm", SW, True,
-                                        do=("toggle_alarm", a["id"])),
-                    _el("Delete", None, BTN, True, do=("delete", ("alarms", a["id"])))]
-        if n == "alarm_form":
-            return [_el("New alarm"), _field("Hour", f["Hour"]), _field("Minute", f["Minute"]),
-                    _el("Save", None, BTN, True, do=("save_alarm", None))] + err
-        if n == "notes":
-            return self._list_els("Notes", ("New note", {"name": "note_form", "fields": {"Title": "", "Text": ""}}))
-        if n == "note":
-            nt = _by_id(d["notes"], s["id"])
-            return [_el(nt["title"]), _el(nt["body"], "Text"),
-                    _el("Delete", None, BTN, True, do=("delete", ("notes", nt["id"])))]
-        if n == "note_form":
-            return [_el("New note"), _field("Title", f["Title"]), _field("Text", f["Text"]),
-                    _el("Save", None, BTN, True, do=("save_note", None))] + err
-        if n == "messages":
-            return self._list_els("Messages", ("New message", {"name": "compose",
-                                                               "fields": {"To": "", "Message": ""}}))
-        if n == "thread":
-            texts = [m["text"] for m in d["messages"] if m["to"] == s["to"]][-PAGE:]
-            return ([_el(s["to"])] + [_el(t, "Sent message") for t in texts] +
-                    [_field("Message", f["Message"]), _el("Send", None, BTN, True, do=("send", None))] + err)
-        if n == "compose":
-            return [_el("New message"), _field("To", f["To"]), _field("Message", f["Message"]),
-                    _el("Send", None, BTN, True, do=("send", None))] + err
-        if n == "settings":
-            return [_el("Settings")] + [_el(k, "on" if d["settings"][k] else "off", SW, True, do=("setting", k))
-                                        for k in SETTINGS]
-        if n == "expenses":
-            els = self._list_els("Expenses", ("Add expense", {"name": "expense_form", "cat": None,
-                                                              "fields": {"Name": "", "Amount": ""}}))
-            return els[:1] + [_el(f"Total: {sum(e['amount'] for e in d['expenses'])}")] + els[1:]
-        if n == "expense":
-            e = _by_id(d["expenses"], s["id"])
-            return [_el(e["name"]), _el(str(e["amount"]), "Amount"), _el(e["category"], "Category"),
-                    _el("Delete", None, BTN, True, do=("delete", ("expenses", e["id"])))]
-        if n == "expense_form":
-            return ([_el("New expense"), _field("Name", f["Name"]), _field("Amount", f["Amount"])] +
-                    [_el(c, "selected" if s["cat"] == c else None, BTN, True, do=("category", c)) for c in CATEGORIES]
-                    + [_el("Save", None, BTN, True, do=("save_expense", None))] + err)
-        if n == "files":
-            return self._list_els("Files")
-        if n == "file":
-            fl = _by_id(d["files"], s["id"])
-            return [_el(fl["name"]),
-                    _el("Rename", None, BTN, True, do=("push", {"name": "file_form", "id": fl["id"],
-                                                                "fields": {"File name": fl["name"]}})),
-                    _el("Delete", None, BTN, True, do=("delete", ("files", fl["id"])))]
-        if n == "file_form":
-            return [_el("Rename file"), _field("File name", f["File name"]),
-                    _el("OK", None, BTN, True, do=("rename", None))] + err
-        raise AssertionError(f"no screen {n!r}")
-
-    # ---- actions
-    def _apply(self, a):
-        t, els = a["action_type"], self.elements()
-        if "x" in a:  # pseudo layout: element i fills the row y in [ROW_TOP + i*ROW_H, +ROW_H)
-            if not 0 <= a["x"] < 1080 or a["y"] < ROW_TOP:
-                raise ValueError(f"no element at x={a['x']}, y={a['y']}")
-            a["index"] = (a["y"] - ROW_TOP) // ROW_H
-        if "index" in a and not 0 <= a["index"] < len(els):
-            raise ValueError(f"index {a['index']} out of range (screen has {len(els)} elements, 0-{len(els) - 1})")
-        if t in ("click", "double_tap"):
-            e = els[a["index"]]
-            if e["click"] and e["do"] and e["do"][0] != "field":
-                self._do(*e["do"])
-        elif t == "input_text":
-            e = els[a["index"]]
-            if not e["edit"]:
-                raise ValueError(f"element {a['index']} is not editable")
-            self.stack[-1]["fields"][e["do"][1]] = a["text"].strip()
-            self.stack[-1].pop("error", None)
-        elif t in ("scroll", "swipe"):
-            if self._list() is not None and a["direction"] in ("up", "down"):
-                down = (a["direction"] == "down") == (t == "scroll")  # swiping up scrolls down
-                items = self._list()[0]
-                last = max(0, (len(items) - 1) // PAGE)
-                self.stack[-1]["page"] = min(max(self.page() + (1 if down else -1), 0), last)
-        elif t == "navigate_back":
-            if len(self.stack) > 1:
-                self.stack.pop()
-        elif t == "navigate_home":
-            self.stack = [{"name": "home"}]
-        elif t == "open_app":
-            app = next((x for x in APPS if x.lower() == a["app_name"].lower()), None)
-            if app is None:
-                raise ValueError(f"no app named {a['app_name']!r}; installed: {', '.join(APPS)}")
-            self._do("open", app)
-        elif t == "answer":
-            self.data["answer"] = a["text"]
-        elif t == "status":
-            self.done = True
-        # long_press, keyboard_enter, wait: valid, nothing changes on this phone
-
-    def _do(self, kind, arg):
-        d, s = self.data, self.stack[-1]
-        f = s.get("fields", {})
-        if kind == "open":
-            self.stack = [{"name": "home"}, {"name": arg.lower(), "page": 0}]
-        elif kind == "push":
-            self.stack.append(copy.deepcopy(arg))
-        elif kind == "delete":
-            key, i = arg
-            d[key] = [it for it in d[key] if it["id"] != i]
-            self.stack.pop()
-        elif kind == "toggle_alarm":
-            a = _by_id(d["alarms"], arg)
-            a["on"] = not a["on"]
-        elif kind == "setting":
-            d["settings"][arg] = not d["settings"][arg]
-        elif kind == "category":
-            s["cat"] = arg
-        elif kind == "save_contact":
-            if not f["Name"] or not _digits(f["Phone"]):
-                s["error"] = "Name and phone number are required"
-                return
-            if s["id"] is None:
-                d["contacts"].append({"name": f["Name"], "phone": f["Phone"], "id": self._new_id()})
-                d["contacts"].sort(key=lambda c: c["name"])
-            else:
-                _by_id(d["contacts"], s["id"]).update(name=f["Name"], phone=f["Phone"])
-            self.stack.pop()
-        elif kind == "save_alarm":
-            h, m = f["Hour"], f["Minute"]
-            if not (h.isdigit() and m.isdigit() and int(h) < 24 and int(m) < 60):
-                s["error"] = "Enter hour 0-23 and minute 0-59"
-                return
-            d["alarms"].append({"time": f"{int(h):02d}:{int(m):02d}", "on": True, "id": self._new_id()})
-            d["alarms"].sort(key=lambda a: a["time"])
-            self.stack.pop()
-        elif kind == "save_note":
-            if not f["Title"]:
-                s["error"] = "A note needs a title"
-                return
-            d["notes"].append({"title": f["Title"], "body": f["Text"], "id": self._new_id()})
-            self.stack.pop()
-        elif kind == "send":
-            to = s.get("to") or f.get("To", "")
-            if to not in {c["name"] for c in d["contacts"]}:
-                s["error"] = f"Unknown recipient {to!r}" if to else "Enter a recipient"
-                return
-            if not f.get("Message"):
-                s["error"] = "Message is empty"
-                return
-            d["messages"].append({"to": to, "text": f["Message"]})
-            if s["name"] == "thread":
-                f["Message"] = ""
-            else:
-                self.stack.pop()
-        elif kind == "save_expense":
-            if not f["Name"] or not f["Amount"].isdigit() or int(f["Amount"]) <= 0 or s["cat"] is None:
-                s["error"] = "Enter a name, a whole positive amount and pick a category"
-                return
-            d["expenses"].append({"name": f["Name"], "amount": int(f["Amount"]), "category": s["cat"],
-                                  "id": self._new_id()})
-            self.stack.pop()
-        elif kind == "rename":
-            fl = _by_id(d["files"], s["id"])
-            new = f["File name"]
-            if not new or any(x["name"] == new and x is not fl for x in d["files"]):
-                s["error"] = "Invalid or duplicate file name"
-                return
-            fl["name"] = new
-            self.stack.pop()
-
-    def _new_id(self):
-        self.data["next_id"] += 1
-        return self.data["next_id"] - 1
-
-
-# ----------------------------------------------------------------------------- oracle helpers
-
-def _find(env, **want):
-    """Index of the first element whose fields match want (text/desc/cls/edit...)."""
-    for i, e in enumerate(env.elements()):
-        if all(e[k] == v for k, v in want.items()):
-            return i
-    return None
-
-
-def _click(env, **want):
-    i = _find(env, **want)
-    return None if i is None else act("click", index=i)
-
-
-def _fill(env, wanted, submit):
-    """Type each wrong field of the form on top, then press submit."""
-    f = env.stack[-1]["fields"]
-    for label, value in wanted.items():
-        if f.get(label) != value:
-            return act("input_text", text=value, index=_find(env, desc=label, edit=True))
-    return _click(env, text=submit, cls=BTN)
-
-
-def _seek(env, item, click=None):
-    """Scroll the current list until item is on the page, then click it (or click(env, item))."""
-    items, _, p = env._page_items()
-    k = next((j for j, it in enumerate(items) if it is item or it == item), None)
-    if k is None:
-        return None
-    if k // PAGE != p:
-        return act("scroll", direction="down" if k // PAGE > p else "up")
-    if click:
-        return click(env, item)
-    for i, e in enumerate(env.elements()):
-        if e["do"] and e["do"][0] == "push" and e["do"][1].get("id", e["do"][1].get("to")) == item.get(
-                "id", item.get("to")):
-            return act("click", index=i)
-    return None
-
-
-def _top(env):
-    return env.stack[-1]
-
-
-def _open(app):
-    return act("open_app", app_name=app)
-
-
-# ----------------------------------------------------------------------------- task templates
-# Each template: gen(rng, data) -> (params, task text), check(data, params) -> bool,
-# policy(env, params) -> next oracle action or None (unsolvable), complexity (step budget = 10 x complexity).
-
-def _pick(rng, seq):
-    return seq[int(rng.integers(len(seq)))]
-
-
-def _new_name(rng, d):
-    taken = {c["name"] for c in d["contacts"]}
-    while True:
-        n = f"{_pick(rng, FIRST)} {_pick(rng, LAST)}"
-        if n not in taken:
-            return n
-
-
-def _contact(d, name):
-    return next((c for c in d["contacts"] if c["name"] == name), None)
-
-
-# add_contact
-def gen_add_contact(rng, d):
-    p = {"name": _new_name(rng, d), "phone": _phone(rng)}
-    return p, f"Add a contact named {p['name']} with phone number {p['phone']}."
-
-
-def check_add_contact(d, p):
-    return any(c["name"] == p["name"] and c["phone"] == p["phone"] for c in d["contacts"])
-
-
-def pol_add_contact(env, p):
-    if check_add_contact(env.data, p):
-        return STATUS_DONE
-    s = _top(env)
-    if s["name"] == "contact_form" and s["id"] is None:
-        return _fill(env, {"Name": p["name"], "Phone": p["phone"]}, "Save")
-    if s["name"] == "contacts":
-        return _click(env, desc="Add contact")
-    return _open("Contacts")
-
-
-# delete_contact / delete_note (a named item goes, nothing else does)
-def _gen_delete(key, field, what):
-    def gen(rng, d):
-        target = _pick(rng, d[key])
-        p = {"target": target[field], "target_id": target["id"], "keep": [it["id"] for it in d[key]
-                                                                           if it is not target]}
-        return p, what.format(target[field])
-    return gen
-
-
-def _check_delete(key):
-    def check(d, p):
-        ids = {it["id"] for it in d[key]}
-        return p["target_id"] not in ids and all(i in ids for i in p["keep"])
-    return check
-
-
-def _pol_delete(key, app, list_screen, item_screen):
-    def pol(env, p):
-        d = env.data
-        if _check_delete(key)(d, p):
-            return STATUS_DONE
-        if not all(_by_id(d[key], i) for i in p["keep"]):
-            return None  # something else was deleted: no way back
-        s, target = _top(env), _by_id(d[key], p["target_id"])
-        if s["name"] == item_screen and s["id"] == target["id"]:
-            return _click(env, text="Delete")
-        if s["name"] == list_screen:
-            return _seek(env, target)
-        return _open(app)
-    return pol
-
-
-# set_alarm
-def gen_set_alarm(rng, d):
-    taken = {a["time"] for a in d["alarms"]}
-    while True:
-        t = f"{int(rng.integers(0, 24)):02d}:{int(rng.integers(0, 60)):02d}"
-        if t not in taken:
-            return {"time": t}, f"Set an alarm for {t}."
-
-
-def check_set_alarm(d, p):
-    return any(a["time"] == p["time"] and a["on"] for a in d["alarms"])
-
-
-def pol_set_alarm(env, p):
-    if check_set_alarm(env.data, p):
-        return STATUS_DONE
-    s = _top(env)
-    off = next((a for a in env.data["alarms"] if a["time"] == p["time"]), None)
-    if s["name"] == "clock" and off is not None:  # it exists but is off: switch it on
-        return _seek(env, off, lambda e, a: _click(e, desc=f"{a['time']} alarm"))
-    if s["name"] == "alarm_form":
-        h, m = p["time"].split(":")
-        return _fill(env, {"Hour": h, "Minute": m}, "Save")
-    if s["name"] == "clock":
-        return _click(env, desc="Add alarm")
-    return _open("Clock")
-
-
-# disable_alarm (OOD)
-def gen_disable_alarm(rng, d):
-    a = _pick(rng, d["alarms"])
-    a["on"] = True
-    return {"time": a["time"], "id": a["id"]}, f"Turn off the {a['time']} alarm (do not delete it)."
-
-
-def check_disable_alarm(d, p):
-    a = _by_id(d["alarms"], p["id"])
-    return a is not None and not a["on"]
-
-
-def pol_disable_alarm(env, p):
-    a = _by_id(env.data["alarms"], p["id"])
-    if a is None:
-        return None
-    if not a["on"]:
-        return STATUS_DONE
-    s = _top(env)
-    if s["name"] == "alarm" and s["id"] == a["id"]:
-        return _click(env, desc=f"{a['time']} alarm")
-    if s["name"] == "clock":
-        return _seek(env, a, lambda e, x: _click(e, desc=f"{x['time']} alarm"))
-    return _open("Clock")
-
-
-# send_message
-def _count_msgs(d, to, text):
-    return sum(m["to"] == to and m["text"] == text for m in d["messages"])
-
-
-def gen_send_message(rng, d):
-    c, text = _pick(rng, d["contacts"]), _pick(rng, TEXTS)
-    p = {"to": c["name"], "text": text, "before": _count_msgs(d, c["name"], text)}
-    return p, f"Send a message to {c['name']} saying \"{text}\"."
-
-
-def check_send_message(d, p):
-    return _count_msgs(d, p["to"], p["text"]) > p["before"]
-
-
-def _pol_send(env, to, text):
-    s = _top(env)
-    if s["name"] == "compose":
-        return _fill(env, {"To": to, "Message": text}, "Send")
-    if s["name"] == "thread" and s["to"] == to:
-        return _fill(env, {"Message": text}, "Send")
-    if s["name"] == "messages":
-        return _click(env, desc="New message")
-    return _open("Messages")
-
-
-def pol_send_message(env, p):
-    if check_send_message(env.data, p):
-        return STATUS_DONE
-    if _contact(env.data, p["to"]) is None:
-        return None
-    return _pol_send(env, p["to"], p["text"])
-
-
-# share_contact_number (OOD, two apps: read a number in Contacts, send it in Messages)
-def gen_share_number(rng, d):
-    a, b = rng.choice(len(d["contacts"]), size=2, replace=False)
-    a, b = d["contacts"][int(a)], d["contacts"][int(b)]
-    p = {"source": a["name"], "to": b["name"], "phone": a["phone"], "before": _count_msgs(d, b["name"], a["phone"])}
-    return p, f"Send {a['name']}'s phone number to {b['name']} in a message (just the number)."
-
-
-def check_share_number(d, p):
-    return _count_msgs(d, p["to"], p["phone"]) > p["before"]
-
-
-def pol_share_number(env, p):
-    if check_share_number(env.data, p):
-        return STATUS_DONE
-    src = _contact(env.data, p["source"])
-    if _contact(env.data, p["to"]) is None or src is None or src["phone"] != p["phone"]:
-        return None
-    s = _top(env)
-    if s["name"] in ("compose", "messages") or (s["name"] == "thread" and s["to"] == p["to"]):
-        return _pol_send(env, p["to"], p["phone"])
-    if s["name"] == "contact" and s["id"] == src["id"]:
-        return _open("Messages")
-    if s["name"] == "contacts":
-        return _seek(env, src)
-    return _open("Contacts")
-
-
-# toggle_setting
-def gen_toggle(rng, d):
-    k, on = _pick(rng, ("Wi-Fi", "Bluetooth", "Airplane mode", "Dark theme")), bool(rng.random() < 0.5)
-    d["settings"][k] = not on
-    return {"setting": k, "on": on}, f"Turn {k} {'on' if on else 'off'}."
-
-
-def check_toggle(d, p):
-    return d["settings"][p["setting"]] == p["on"]
-
-
-def pol_toggle(env, p):
-    if check_toggle(env.data, p):
-        return STATUS_DONE
-    if _top(env)["name"] == "settings":
-        return _click(env, text=p["setting"], cls=SW)
-    return _open("Settings")
-
-
-# add_expense
-def gen_add_expense(rng, d):
-    p = {"item": _pick(rng, EXPENSES), "amount": str(int(rng.integers(3, 200))), "category": _pick(rng, CATEGORIES)}
-    return p, f"Add an expense \"{p['item']}\" of {p['amount']} in category {p['category']}."
-
-
-def check_add_expense(d, p):
-    return any(e["name"] == p["item"] and str(e["amount"]) == p["amount"] and e["category"] == p["category"]
-               for e in d["expenses"])
-
-
-def pol_add_expense(env, p):
-    if check_add_expense(env.data, p):
-        return STATUS_DONE
-    s = _top(env)
-    if s["name"] == "expense_form":
-        if s["cat"] != p["category"] and s["fields"] == {"Name": p["item"], "Amount": p["amount"]}:
-            return _click(env, text=p["category"], cls=BTN)
-        return _fill(env, {"Name": p["item"], "Amount": p["amount"]}, "Save")
-    if s["name"] == "expenses":
-        return _click(env, desc="Add expense")
-    return _open("Expenses")
-
-
-# delete_expenses_category (OOD, repeated deletions)
-def gen_delete_category(rng, d):
-    cat = _pick(rng, CATEGORIES)
-    for e in rng.choice(len(d["expenses"]), size=min(len(d["expenses"]), 2 + int(rng.integers(2))), replace=False):
-        d["expenses"][int(e)]["category"] = cat
-    p = {"category": cat, "keep": [e["id"] for e in d["expenses"] if e["category"] != cat]}
-    return p, f"Delete all expenses in category {cat}."
-
-
-def check_delete_category(d, p):
-    ids = {e["id"] for e in d["expenses"]}
-    return all(e["category"] != p["category"] for e in d["expenses"]) and all(i in ids for i in p["keep"])
-
-
-def pol_delete_category(env, p):
-    d = env.data
-    if check_delete_category(d, p):
-        return STATUS_DONE
-    if not all(_by_id(d["expenses"], i) for i in p["keep"]):
-        return None
-    s = _top(env)
-    if s["name"] == "expense" and _by_id(d["expenses"], s["id"])["category"] == p["category"]:
-        return _click(env, text="Delete")
-    if s["name"] == "expenses":
-        return _seek(env, next(e for e in d["expenses"] if e["category"] == p["category"]))
-    return _open("Expenses")
-
-
-# create_note
-def gen_create_note(rng, d):
-    taken = {n["title"] for n in d["notes"]}
-    title = _pick(rng, [t for t in NOTES if t not in taken])
-    p = {"title": title, "body": _pick(rng, BODIES)}
-    return p, f"Create a note titled \"{title}\" with the text \"{p['body']}\"."
-
-
-def check_create_note(d, p):
-    return any(n["title"] == p["title"] and n["body"] == p["body"] for n in d["notes"])
-
-
-def pol_create_note(env, p):
-    if check_create_note(env.data, p):
-        return STATUS_DONE
-    s = _top(env)
-    if s["name"] == "note_form":
-        return _fill(env, {"Title": p["title"], "Text": p["body"]}, "Save")
-    if s["name"] == "notes":
-        return _click(env, desc="New note")
-    return _open("Notes")
-
-
-# rename_file
-def gen_rename_file(rng, d):
-    f = _pick(rng, d["files"])
-    p = {"old": f["name"], "new": _pick(rng, PREFIXES) + f["name"], "id": f["id"], "n": len(d["files"])}
-    return p, f"Rename the file {p['old']} to {p['new']}."
-
-
-def check_rename_file(d, p):
-    names = [f["name"] for f in d["files"]]
-    return p["new"] in names and p["old"] not in names and len(names) == p["n"]
-
-
-def pol_rename_file(env, p):
-    if check_rename_file(env.data, p):
-        return STATUS_DONE
-    f = _by_id(env.data["files"], p["id"])
-    if f is None or len(env.data["files"]) != p["n"]:
-        return None
-    s = _top(env)
-    if s["name"] == "file_form" and s["id"] == f["id"]:
-        return _fill(env, {"File name": p["new"]}, "OK")
-    if s["name"] == "file" and s["id"] == f["id"]:
-        return _click(env, text="Rename")
-    if s["name"] == "files":
-        return _seek(env, f)
-    return _open("Files")
-
-
-# update_contact_phone (OOD: the edit form)
-def gen_update_phone(rng, d):
-    c = _pick(rng, d["contacts"])
-    new = _phone(rng)
-    while new == c["phone"]:
-        new = _phone(rng)
-    return {"name": c["name"], "id": c["id"], "phone": new}, f"Change {c['name']}'s phone number to {new}."
-
-
-def check_update_phone(d, p):
-    c = _by_id(d["contacts"], p["id"])
-    return c is not None and c["name"] == p["name"] and c["phone"] == p["phone"]
-
-
-def pol_update_phone(env, p):
-    if check_update_phone(env.data, p):
-        return STATUS_DONE
-    c = _by_id(env.data["contacts"], p["id"])
-    if c is None:
-        return None
-    s = _top(env)
-    if s["name"] == "contact_form" and s["id"] == c["id"]:
-        return _fill(env, {"Name": p["name"], "Phone": p["phone"]}, "Save")
-    if s["name"] == "contact" and s["id"] == c["id"]:
-        return _click(env, text="Edit")
-    if s["name"] == "contacts":
-        return _seek(env, c)
-    return _open("Contacts")
-
-
-# answer_phone (a question: look it up, answer, finish)
-def gen_answer_phone(rng, d):
-    c = _pick(rng, d["contacts"])
-    return {"name": c["name"], "phone": c["phone"]}, f"What is {c['name']}'s phone number? Answer with the number."
-
-
-def check_answer_phone(d, p):
-    return d["answer"] is not None and _digits(d["answer"]) == _digits(p["phone"])
-
-
-def pol_answer_phone(env, p):
-    if check_answer_phone(env.data, p):
-        return STATUS_DONE
-    c = _contact(env.data, p["name"])
-    if c is None:
-        return None
-    s = _top(env)
-    if s["name"] == "contact" and s["id"] == c["id"]:
-        return act("answer", text=c["phone"])
-    if s["name"] == "contacts":
-        return _seek(env, c)
-    return _open("Contacts")
-
-
-TEMPLATES = {  # name: (gen, check, oracle policy, complexity)
-    "add_contact": (gen_add_contact, check_add_contact, pol_add_contact, 1.0),
-    "delete_contact": (_gen_delete("contacts", "name", "Delete the contact {}."), _check_delete("contacts"),
-                       _pol_delete("contacts", "Contacts", "contacts", "contact"), 1.0),
-    "set_alarm": (gen_set_alarm, check_set_alarm, pol_set_alarm, 1.0),
-    "create_note": (gen_create_note, check_create_note, pol_create_note, 1.0),
-    "delete_note": (_gen_delete("notes", "title", "Delete the note titled \"{}\"."), _check_delete("notes"),
-                    _pol_delete("notes", "Notes", "notes", "note"), 1.0),
-    "send_message": (gen_send_message, check_send_message, pol_send_message, 1.0),
-    "toggle_setting": (gen_toggle, check_toggle, pol_toggle, 0.5),
-    "add_expense": (gen_add_expense, check_add_expense, pol_add_expense, 1.0),
-    "rename_file": (gen_rename_file, check_rename_file, pol_rename_file, 1.0),
-    "answer_phone": (gen_answer_phone, check_answer_phone, pol_answer_phone, 1.0),
-    # held out (OOD): new screens/interactions or two apps in one task
-    "update_contact_phone": (gen_update_phone, check_update_phone, pol_update_phone, 1.0),
-    "share_contact_number": (gen_share_number, check_share_number, pol_share_number, 1.5),
-    "disable_alarm": (gen_disable_alarm, check_disable_alarm, pol_disable_alarm, 0.5),
-    "delete_expenses_category": (gen_delete_category, check_delete_category, pol_delete_category, 2.0),
-}
-OOD_TEMPLATES = ("update_contact_phone", "share_contact_number", "disable_alarm", "delete_expenses_category")
-ID_TEMPLATES = tuple(t for t in TEMPLATES if t not in OOD_TEMPLATES)
-
-# disjoint seed ranges; train and id share templates, ood uses the held-out ones
-SEED_BASE = {"train": 0, "id": 1_000_000, "ood": 2_000_000}
-
-
-def split_seeds(split, n, start=0):
-    if split not in SEED_BASE:
-        raise ValueError(f"unknown split {split!r}; use train, id or ood")
-    if n < 0 or start < 0 or start + n > 1_000_000:
-        raise ValueError(f"seeds must lie in [0, 1000000) per split, got start={start}, n={n}")
-    return list(range(SEED_BASE[split] + start, SEED_BASE[split] + start + n))
-
-
-def make_env(split="train", **overrides):
-    """TextPhone (the offline stand-in) for a split; overrides: templates, max_steps, compact."""
-    if split not in SEED_BASE:
-        raise ValueError(f"unknown split {split!r}; use train, id or ood")
-    overrides.setdefault("templates", OOD_TEMPLATES if split == "ood" else ID_TEMPLATES)
-    return TextPhone(**overrides)
+    def close(self):
+        self.device.close()
+
+
+# ----------------------------------------------------------------------------- make_env
+
+TEXTPHONE_OPTIONS = ("templates", "max_steps", "compact")
+ANDROID_WORLD_OPTIONS = ("console_port", "grpc_port", "adb_path", "emulator_setup", "freeze_datetime", "tasks",
+                         "max_steps", "compact", "android_world_path", "timeout")
+
+
+def make_env(split, backend="textphone", **options):
+    """An env of `split` (train / id / ood). backend "textphone" (default): the offline stand-in, options
+    templates (narrow the split's templates to these), max_steps, compact. backend "android_world": see
+    android_world_env."""
+    envs.check_split(split)
+    if backend == "textphone":
+        envs.check_options("android (textphone)", options, TEXTPHONE_OPTIONS)
+        import textphone  # the stand-in sits above this file: it renders with this file's helpers
+        return textphone.make_env(split, **options)
+    if backend == "android_world":
+        envs.check_options("android (android_world)", options, ANDROID_WORLD_OPTIONS)
+        return android_world_env(split, **options)
+    raise ValueError(f"unknown android backend {backend!r}: use textphone or android_world")
+
+
+def android_world_env(split, console_port=5554, grpc_port=8554, adb_path=None, emulator_setup=False,
+                      freeze_datetime=True, tasks=None, max_steps=None, compact=False, android_world_path=None,
+                      timeout=300.0):
+    """AndroidWorldEnv on the emulator at console_port / grpc_port (env_launcher.load_and_setup_env's
+    arguments; adb_path defaults to android_world's). Under torchrun, rank r = $LOCAL_RANK drives its own
+    emulator: console_port + 2r (emulators take console ports 5554, 5556, ...) and grpc_port + r.
+    tasks: narrow the split's task templates to these class names. max_steps: override int(10 x complexity).
+    android_world_path: put first on the worker's sys.path (a source checkout; tests: the fake package).
+    timeout: seconds one device call may take before the episode ends with a device error."""
+    rank = int(os.environ.get("LOCAL_RANK", 0))
+    launcher = dict(console_port=console_port + 2 * rank, grpc_port=grpc_port + rank,
+                    emulator_setup=emulator_setup, freeze_datetime=freeze_datetime)
+    if adb_path is not None:
+        launcher["adb_path"] = os.path.expanduser(adb_path)
+
+    def connect():
+        return device_for(launcher, android_world_path, timeout)
+    try:
+        names = connect().info["tasks"]
+    except DeviceError as e:
+        raise (ImportError if str(e).startswith(INSTALL_HINT) else RuntimeError)(str(e)) from None
+    return AndroidWorldEnv(connect, split_tasks(names, split, tasks), max_steps=max_steps, compact=compact)

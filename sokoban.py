@@ -3,15 +3,17 @@
 Arrays and codes follow gym-sokoban 0.0.6 exactly:
   room_fixed: 0 wall, 1 floor, 2 target
   room_state: 0 wall, 1 floor, 2 target, 3 box on target, 4 box, 5 player
-Only numpy is needed at import time (the gym-sokoban comparison imports this file from another venv).
+Only numpy (and envs.py) is needed at import time (the gym-sokoban comparison imports this file from another
+venv).
 
     python sokoban.py --play [--seed N | --xsb FILE] [--split id|ood] [--solve]
 """
 import argparse
-import sys
 from collections import deque
 
 import numpy as np
+
+import envs
 
 RULES = """You are solving Sokoban. You are the player on a grid; push every box onto a target.
 Legend: # wall, _ floor, O target, X box, √ box on target, P player, S player on target.
@@ -25,14 +27,12 @@ _ACTION_IDS = {a.lower(): i for i, a in enumerate(ACTIONS)}
 _DELTAS_RC = ((-1, 0), (1, 0), (0, -1), (0, 1))
 CHARS = {0: "#", 1: "_", 2: "O", 3: "√", 4: "X", 5: "P"}   # player on target -> "S"
 
-# splits: disjoint seed ranges; per-split room size and episode cap (overridable in make_env)
+# per-split room size and episode cap (overridable in make_env); seeds come from envs.split_seeds
 SPLITS = {
     "train": dict(dim=(6, 6), num_boxes=1, max_steps=20, min_solution=1, max_solution=20),
     "id": dict(dim=(6, 6), num_boxes=1, max_steps=20, min_solution=1, max_solution=20),
     "ood": dict(dim=(8, 8), num_boxes=2, max_steps=30, min_solution=1, max_solution=30),
 }
-SEED_BASE = {"train": 0, "id": 1_000_000, "ood": 2_000_000}
-SEED_RANGE = 1_000_000
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,8 +292,7 @@ def to_xsb(room_fixed, room_state):
 
 class Sokoban:
     """Text Sokoban with gym-sokoban dynamics and rewards. See module doc for array codes."""
-    name = "sokoban"
-    task = ""
+    name, rules, task, task_type = "sokoban", RULES, "", ""
 
     def __init__(self, dim=(6, 6), num_boxes=1, max_steps=20, min_solution=1, max_solution=20,
                  p_change=0.35, num_gen_steps=None, max_attempts=1000, level=None):
@@ -379,9 +378,8 @@ class Sokoban:
         a = _ACTION_IDS.get(action.strip().lower()) if isinstance(action, str) else None
         if self.room_state is None:
             raise RuntimeError("Sokoban.step before reset(seed)")
-        if self.done:                          # finished episode: nothing changes, nothing is earned
-            return self.obs, 0.0, True, {"success": self.success, "action_is_valid": a is not None,
-                                         "action_is_effective": False}
+        if self.done:
+            return envs.after_done(self)
         self.steps += 1
         reward, moved, bot = -0.1, False, self._bot
         if a is not None:
@@ -410,8 +408,7 @@ class Sokoban:
         if self.success:
             reward += 10
         self.done = self.success or self.steps >= self.max_steps
-        return self.obs, reward, self.done, {"success": self.success, "action_is_valid": a is not None,
-                                             "action_is_effective": moved}
+        return self.obs, reward, self.done, {"success": self.success, "action_is_valid": a is not None}
 
     def _put(self, i, v):
         self._cells[i] = v
@@ -423,11 +420,13 @@ class Sokoban:
         return divmod(self._player, self.room_fixed.shape[1])
 
     def get_state(self):
-        return (self.room_fixed, tuple(self._cells), self._player, self._bot, self.steps,
-                self.done, self.success, self.obs)
+        return dict(fixed=self.room_fixed, cells=tuple(self._cells), player=self._player, bot=self._bot,
+                    steps=self.steps, done=self.done, success=self.success, obs=self.obs)
 
     def set_state(self, state):
-        fixed, cells, self._player, self._bot, self.steps, self.done, self.success, self.obs = state
+        fixed, cells = state["fixed"], state["cells"]
+        self._player, self._bot, self.steps = state["player"], state["bot"], state["steps"]
+        self.done, self.success, self.obs = state["done"], state["success"], state["obs"]
         if fixed is not self.room_fixed:       # snapshot from another room (or unpickled)
             self._set_fixed(fixed)
             self.room_state = np.array(cells, dtype=int).reshape(self.room_fixed.shape)
@@ -463,28 +462,17 @@ def _norm_grid(text):
 # ---------------------------------------------------------------------------------------------
 # splits
 
+OPTIONS = ("dim", "num_boxes", "max_steps", "min_solution", "max_solution", "p_change", "num_gen_steps",
+           "max_attempts")
+
+
 def make_env(split, **overrides):
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLITS)}")
-    cfg = dict(SPLITS[split])
-    allowed = {"dim", "num_boxes", "max_steps", "min_solution", "max_solution", "p_change",
-               "num_gen_steps", "max_attempts"}
-    bad = set(overrides) - allowed
-    if bad:
-        raise ValueError(f"unknown Sokoban option(s) {sorted(bad)}; allowed: {sorted(allowed)}")
-    cfg.update(overrides)
+    envs.check_split(split)
+    envs.check_options("sokoban", overrides, OPTIONS)
+    cfg = dict(SPLITS[split], **overrides)
     if "max_steps" in overrides and "max_solution" not in overrides:
         cfg["max_solution"] = min(cfg["max_solution"], cfg["max_steps"])   # keep rooms solvable in the cap
     return Sokoban(**cfg)
-
-
-def split_seeds(split, n, start=0):
-    if split not in SEED_BASE:
-        raise ValueError(f"unknown split {split!r}; expected one of {sorted(SEED_BASE)}")
-    if n < 0 or start < 0 or start + n > SEED_RANGE:
-        raise ValueError(f"seeds [{start}, {start + n}) outside the split's range [0, {SEED_RANGE})")
-    base = SEED_BASE[split] + start
-    return list(range(base, base + n))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -520,18 +508,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--play", action="store_true", help="play in the terminal")
     ap.add_argument("--solve", action="store_true", help="print the optimal solution")
-    ap.add_argument("--bench", action="store_true", help="run bench/bench_sokoban.py")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--xsb", help="XSB level file")
     ap.add_argument("--split", default="id", choices=sorted(SPLITS))
-    args, rest = ap.parse_known_args(argv)
-    if args.bench:
-        import os
-        import runpy
-        sys.argv = ["bench_sokoban.py"] + rest
-        runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench", "bench_sokoban.py"),
-                       run_name="__main__")
-        return
+    args = ap.parse_args(argv)
     if not (args.play or args.solve):
         ap.print_help()
         return

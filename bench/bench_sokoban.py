@@ -1,8 +1,9 @@
 """Sokoban speed: env steps/s, rooms/s, solver ms per room; --gym compares with gym-sokoban 0.0.6.
 
-    /work/venv/bin/python bench/bench_sokoban.py            # our numbers only
-    /work/venv-gym/bin/python bench/bench_sokoban.py --gym  # + identical-trajectory check and gym timings
-(the gym venv: python3 -m venv /work/venv-gym && /work/venv-gym/bin/pip install gym-sokoban numpy gym imageio pillow)
+    python bench/bench_sokoban.py                       # our numbers only (the project's venv)
+    .venv-gym/bin/python bench/bench_sokoban.py --gym   # + identical-trajectory check and gym timings
+(the gym venv, from the repository root: python3 -m venv .venv-gym && .venv-gym/bin/pip install gym-sokoban numpy
+gym imageio pillow)
 Each timing runs for about --secs seconds on one core.
 """
 import argparse
@@ -16,6 +17,7 @@ from contextlib import redirect_stdout
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import envs  # noqa: E402
 import sokoban as S  # noqa: E402
 
 CASES = [("6x6/1 box", "id"), ("8x8/2 boxes", "ood")]
@@ -31,7 +33,7 @@ def timed(fn, secs):
 
 def our_steps_per_s(split, secs):
     env = S.make_env(split, max_steps=10**9)
-    env.reset(S.split_seeds(split, 1)[0])
+    env.reset(envs.split_seeds(split, 1)[0])
     start, rnd = env.get_state(), random.Random(0)
     acts = [rnd.choice(S.ACTIONS) for _ in range(1000)]
 
@@ -46,7 +48,7 @@ def our_steps_per_s(split, secs):
 
 def our_state_copies_per_s(split, secs):
     env = S.make_env(split)
-    env.reset(S.split_seeds(split, 1)[0])
+    env.reset(envs.split_seeds(split, 1)[0])
 
     def run():
         for _ in range(1000):
@@ -56,7 +58,7 @@ def our_state_copies_per_s(split, secs):
 
 
 def our_rooms_per_s(split, secs, filtered=True):
-    env, seeds = S.make_env(split), iter(S.split_seeds(split, 10**6))
+    env, seeds = S.make_env(split), iter(envs.split_seeds(split, 10**6))
     if filtered:
         return timed(lambda: (env.reset(next(seeds)), 1)[1], secs)
     rng = np.random.default_rng(0)
@@ -73,7 +75,7 @@ def our_rooms_per_s(split, secs, filtered=True):
 
 def solver_ms(split, n):
     env, out = S.make_env(split), []
-    for seed in S.split_seeds(split, n):
+    for seed in envs.split_seeds(split, n):
         env.reset(seed)
         t0 = time.perf_counter()
         S.solve(env)

@@ -1,12 +1,20 @@
-"""ALFWorld env: generated games played by the real engine (alfworld==0.4.2)."""
+"""ALFWorld env: generated and official games played by the real engine (alfworld==0.4.2)."""
 import json
 import os
 import pickle
+import shutil
+import subprocess
+import sys
+from collections import Counter
 
 import numpy as np
 import pytest
 
 import alfworld_env as A
+import envs
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = envs.split_seeds("train", 12)   # seed k has task type TASK_TYPES[k % 6]
 
 
 @pytest.fixture(scope="module")
@@ -23,27 +31,59 @@ def play(env, actions):
     return [env.step(a) for a in actions]
 
 
+def traj(gamefile):
+    return json.load(open(os.path.join(os.path.dirname(gamefile), "traj_data.json")))
+
+
+def official_tree(root, games, split="valid_seen"):
+    """A stand-in for json_2.1.1/<split>/<task>/<trial>/ made of generated game folders; returns the game files."""
+    out = []
+    for i, g in enumerate(games):
+        dst = os.path.join(root, "json_2.1.1", split, f"{traj(g)['task_type']}-{i}", "trial_T0")
+        shutil.copytree(os.path.dirname(g), dst)
+        out.append(os.path.join(dst, "game.tw-pddl"))
+    return out
+
+
+# --- the protocol -------------------------------------------------------------------------------------------
+
+@pytest.mark.slow   # six games generated and solved (~25 s)
 def test_expert_solves_every_task_type(env, cache):
     seen = set()
-    for seed in range(6):
+    for seed in TRAIN[:6]:
         obs = env.reset(seed)
-        traj = json.load(open(os.path.join(cache, "train", str(seed), "traj_data.json")))
-        seen.add(traj["task_type"])
-        assert "Your task is to: " in obs and env.task and env.task in obs
-        assert "go to" in env.action_hint() and env.action_hint().startswith("Admissible commands: ")
+        seen.add(env.task_type)
+        assert env.task_type == traj(env.gamefile)["task_type"]
+        assert "Your task is to: " in obs and env.task and env.task in obs and env.obs == obs
+        assert env.action_hint().startswith("Admissible commands: ") and "go to" in env.action_hint()
         plan = env.expert_plan()
-        assert plan, f"expert failed on {traj['task_type']}"
+        assert plan, f"expert failed on {env.task_type}"
         for i, a in enumerate(plan):
             obs, r, done, info = env.step(a)
-            assert info["action_is_valid"], a
+            assert info == {"success": i == len(plan) - 1, "action_is_valid": True}, a
             assert done == (i == len(plan) - 1)
-        assert info["success"] and env.success and env.done and r == 1.0
+        assert env.success and env.done and r == 1.0 and env.steps == len(plan)
     assert seen == set(A.TASK_TYPES)
+
+
+def test_protocol_attributes_and_options(env):
+    assert env.name == "alfworld" and env.rules == A.RULES and env.max_steps == 50
+    assert "move O to R" in env.rules and "put O in/on R" in env.rules and "Nothing happens." in env.rules
+    env.reset(TRAIN[0])
+    assert (env.steps, env.done, env.success) == (0, False, False) and env.task_type in A.TASK_TYPES
+    state = env.get_state()
+    assert type(state) is dict and json.loads(json.dumps(state)) == state   # plain data
+    with pytest.raises(ValueError, match="unknown alfworld option"):
+        A.make_env("train", max_step=10)
+    with pytest.raises(ValueError, match="unknown split"):
+        A.make_env("test")
+    with pytest.raises(ValueError):
+        A.cache_root(os.path.join(REPO, "cache"))
 
 
 def test_set_state_same_as_replay(env, cache):
     rng = np.random.default_rng(0)
-    env.reset(3)
+    env.reset(TRAIN[3])
     prefix = []
     for _ in range(3):
         prefix.append(env.valid_actions()[rng.integers(len(env.valid_actions()))])
@@ -53,31 +93,163 @@ def test_set_state_same_as_replay(env, cache):
     first = play(env, tail)
     tail += [env.valid_actions()[0], "not a command", env.valid_actions()[-1]]
     first += play(env, tail[1:])
-    env.reset(5)  # elsewhere, then branch back
+    env.reset(TRAIN[5])  # elsewhere, then branch back
     env.set_state(snap)
-    assert env.render() == snap["obs"] and env.steps == 3 and env.valid_actions() == adm
+    assert env.render() == snap["obs"] and env.steps == 3 and env.valid_actions() == adm and env.task == snap["task"]
     again = play(env, tail)
     assert [o for o, *_ in again] == [o for o, *_ in first]
     fresh = A.make_env("train", cache_dir=cache, data="generated")
-    fresh.reset(3)
+    fresh.reset(TRAIN[3])
     replay = play(fresh, prefix + tail)[3:]
     assert [o for o, *_ in replay] == [o for o, *_ in first]
 
 
 def test_invalid_and_garbage_are_invalid_steps(env):
-    env.reset(0)
+    env.reset(TRAIN[0])
     adm, obs0 = env.valid_actions(), env.render()
     for bad in ["fly to the moon", "", "<action>\x00\ud800 ))) go to", "go to nowhere 99", "a" * 5000]:
         obs, r, done, info = env.step(bad)
-        assert obs == "Nothing happens." and not info["action_is_valid"] and not info["success"] and r == 0.0
+        assert obs == "Nothing happens." and info == {"success": False, "action_is_valid": False} and r == 0.0
     assert env.steps == 5 and env.valid_actions() == adm and obs0 != env.render()
 
 
-def test_action_normalisation(env):
-    assert A.normalize_action("  Go  to   Drawer 1. ") == "go to drawer 1"
-    assert A.normalize_action("put apple 1 in/on fridge 1") == "move apple 1 to fridge 1"
-    assert A.normalize_action("Put Apple 1 on CounterTop 2.") == "move apple 1 to countertop 2"
-    env.reset(0)
+def test_max_steps_step_after_done_and_similarity(cache):
+    e = A.make_env("train", cache_dir=cache, data="generated", max_steps=3)
+    e.reset(TRAIN[0])
+    outs = play(e, ["x", "look", "y"])
+    assert [d for _, _, d, _ in outs] == [False, False, True] and not e.success and e.steps == 3
+    assert e.step("look") == envs.after_done(e) and e.steps == 3            # not counted, nothing changes
+    assert e.state_similarity("You arrive at Drawer 1.", "you arrive at drawer 1") == 1.0
+    assert e.state_similarity("nothing", "You arrive at drawer 1.") == 0.0
+    assert 0 < e.state_similarity("On the drawer 1, you see a key.", "On the drawer 2, you see a key.") < 1
+    assert not hasattr(A, "token_f1") and not hasattr(A, "split_seeds")     # envs' one copy of each
+
+
+def test_planner_expert(cache):
+    e = A.make_env("train", cache_dir=cache, data="generated", expert="planner")
+    e.reset(TRAIN[4])
+    e.step(e.valid_actions()[0])
+    outs = play(e, e.expert_plan())
+    assert all(i["action_is_valid"] for *_, i in outs) and e.success
+
+
+def test_generation_deterministic_and_old_games_regenerated(cache, tmp_path):
+    a = A.generate_game("train", TRAIN[0], cache_dir=cache)
+    stale = tmp_path / "train" / str(TRAIN[0])                      # a game of an older generator
+    shutil.copytree(os.path.dirname(a), stale)
+    json.dump(dict(traj(a), gen_version=A.GEN_VERSION - 1), open(stale / "traj_data.json", "w"))
+    open(stale / "game.tw-pddl", "w").write("{}")
+    b = A.generate_game("train", TRAIN[0], cache_dir=str(tmp_path))
+    assert open(a).read() == open(b).read() and traj(b)["gen_version"] == A.GEN_VERSION
+    other = A.generate_game("train", TRAIN[6], cache_dir=cache)
+    assert json.load(open(a))["pddl_problem"] != json.load(open(other))["pddl_problem"]
+    assert traj(a)["gen_version"] == A.GEN_VERSION
+
+
+# --- issue 14: the scene's receptacles, the splits, official data, put ---------------------------------------
+
+def test_kitchen_has_burners_coffee_machine_garbage_can(env):
+    for scene in A.scenes("train") + A.scenes("ood"):
+        types, recs, _ = A.scene_layout(scene)
+        have = Counter(t for t, _ in recs.values())
+        assert set(have) == types & A.STATIC, scene                  # every receptacle type the scene lists
+        poses = json.load(open(os.path.join(A.PKG, "gen", "layouts", f"FloorPlan{scene}-openable.json")))
+        added = [loc for r, (_, loc) in recs.items() if r not in poses]
+        assert not set(added) & {recs[r][1] for r in poses} and len(set(added)) == len(added)   # own places
+        if A.ROOM[scene] == "Kitchen":
+            assert have["StoveBurner"] == 4 and have["CoffeeMachine"] == 1 and have["GarbageCan"] >= 1
+    heat = TRAIN[3]                                                  # heat tasks happen in kitchens
+    obs = env.reset(heat)
+    for name in ("stoveburner 4", "stoveburner 1", "coffeemachine 1", "garbagecan 1", "toaster 1"):
+        assert name in obs.split("Your task")[0], name
+
+
+def test_objects_go_where_alfworld_allows_and_goals_span_the_scene():
+    C = A.C
+    parents, types = Counter(), Counter()
+    for seed in envs.split_seeds("train", 300):
+        p = A.sample_problem("train", seed)
+        if p is None:
+            continue
+        types[p["task_type"]] += 1
+        assert A.ROOM[p["scene"]] in C.GOALS_VALID[p["task_type"]]
+        for o, r in p["objects"].items():
+            t, rt = o.split("|")[0], p["rtype"][r]
+            assert t in C.VAL_RECEPTACLE_OBJECTS.get(rt, ()) or (t in A.LAMPS and rt in A.LAMP_HOSTS), (t, rt)
+        parents[p["params"]["parent_target"]] += 1
+    assert set(types) == set(A.TASK_TYPES)
+    assert parents["GarbageCan"] + parents["CoffeeMachine"] + parents["StoveBurner"] > 0   # not in -openable.json
+
+
+def test_ood_scenes_are_valid_unseens_and_never_train_or_id(cache):
+    assert set(A.OOD_SCENES) == {10, 219, 308, 424} and set(A.scenes("ood")) == set(A.OOD_SCENES)
+    assert A.scenes("train") == A.scenes("id") and not set(A.scenes("train")) & set(A.OOD_SCENES)
+    for split in ("train", "id"):
+        drawn = {A.sample_problem(split, s, a)["scene"] for s in envs.split_seeds(split, 120) for a in range(2)
+                 if A.sample_problem(split, s, a)}
+        assert len(drawn) > 40 and not drawn & set(A.OOD_SCENES), split
+    drawn = {p["scene"] for s in envs.split_seeds("ood", 60) if (p := A.sample_problem("ood", s))}
+    assert drawn == set(A.OOD_SCENES)
+    ood = A.generate_game("ood", envs.split_seeds("ood", 1, start=3)[0], cache_dir=cache)
+    assert int(traj(ood)["scene"]["floor_plan"][len("FloorPlan"):]) in A.OOD_SCENES
+
+
+def test_first_env_of_a_process_finds_alfworlds_default_cache(cache, tmp_path):
+    # no $ALFWORLD_DATA: alfworld looks in ~/.cache/alfworld; the decoys are what collect_game_files skips
+    home = tmp_path / "home"
+    games = [A.generate_game("train", s, cache_dir=cache) for s in TRAIN[:2]]
+    keep = official_tree(str(home / ".cache" / "alfworld"), games)
+    valid = str(home / ".cache" / "alfworld" / "json_2.1.1" / "valid_seen")
+    g, t = json.load(open(games[0])), traj(games[0])
+    unchecked = {k: v for k, v in g.items() if k != "solvable"}
+    for decoy, game, task in [("pick_and_place_with_movable_recep-x", g, t), ("look_at_obj_in_light-Sliced-x", g, t),
+                              ("unsolvable", dict(g, solvable=False), t), ("unchecked", unchecked, t),
+                              ("other-task", g, dict(t, task_type="pick_and_place_with_movable_recep"))]:
+        os.makedirs(os.path.join(valid, decoy, "trial_T0"))
+        json.dump(game, open(os.path.join(valid, decoy, "trial_T0", "game.tw-pddl"), "w"))
+        json.dump(task, open(os.path.join(valid, decoy, "trial_T0", "traj_data.json"), "w"))
+    run = {k: v for k, v in os.environ.items() if k != "ALFWORLD_DATA"}
+    run.update(HOME=str(home), DYNAMIND_CACHE=str(tmp_path / "generated"), PYTHONPATH=REPO)
+    code = ("import json, alfworld_env as A, envs\n"
+            "e = A.make_env('id')\n"
+            "first = e.reset(envs.split_seeds('id', 1)[0]) and e.gamefile\n"
+            "played = [e.reset(s) and e.gamefile for s in envs.split_seeds('id', len(e.games))]\n"
+            "print(json.dumps([first, played, len(A.make_env('id', data='official').games)]))")
+    out = subprocess.run([sys.executable, "-c", code], env=run, cwd=str(tmp_path), capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    first, played, n = json.loads(out.stdout.strip().splitlines()[-1])
+    assert first == sorted(keep)[0] and played == sorted(keep) and n == 2
+    assert not (tmp_path / "generated").exists()                     # no game was generated
+
+
+def test_put_survives_in_a_game_whose_grammar_uses_it(cache, tmp_path, monkeypatch):
+    # the grammar of game files before alfworld 0.4 (what scripts/patch_tw-pddl.py turns into `move`)
+    game = official_tree(str(tmp_path), [A.generate_game("train", TRAIN[5], cache_dir=cache)])[0]
+    g = json.load(open(game))
+    g["grammar"] = g["grammar"].replace("move {o} to {r}", "put {o} in/on {r}").replace(
+        "You move the {o.name} to the {r.name}.", "You put the {o.name} in/on the {r.name}.")
+    json.dump(g, open(game, "w"))
+    monkeypatch.setattr(A, "data_root", lambda: str(tmp_path))
+    e = A.make_env("id", data="official")
+    assert e.games == [game]
+    e.reset(envs.split_seeds("id", 1)[0])
+    plan = e.expert_plan()                                          # the expert plays it too
+    puts = [a for a in plan if a.startswith("put ")]
+    assert plan and len(puts) == 2 and all(" in/on " in a for a in puts) and not any("move " in a for a in plan)
+    for a in plan:
+        said = "Move " + a[len("put "):].replace(" in/on ", " to ") + "." if a == puts[0] else a   # either form
+        obs, r, done, info = e.step(said)
+        assert info["action_is_valid"], said
+        assert obs.startswith("You put the") == a.startswith("put ")
+    assert info["success"] and e.success and done
+
+
+def test_move_accepted_as_put_and_put_as_move(env):
+    assert A.admissible_form("put apple 1 in/on fridge 1", ["move apple 1 to fridge 1"]) == "move apple 1 to fridge 1"
+    assert A.admissible_form("put apple 1 on fridge 1", ["put apple 1 in/on fridge 1"]) == "put apple 1 in/on fridge 1"
+    assert A.admissible_form("move apple 1 to fridge 1", ["put apple 1 in/on fridge 1"]) == "put apple 1 in/on fridge 1"
+    assert A.admissible_form("put apple 1 in/on fridge 1", ["look"]) is None
+    env.reset(TRAIN[0])
     plan = env.expert_plan()
     assert plan[-1].startswith("move ")
     play(env, plan[:-1])
@@ -86,56 +258,19 @@ def test_action_normalisation(env):
     assert info["action_is_valid"] and info["success"] and done
 
 
-def test_planner_expert(cache):
-    e = A.make_env("train", cache_dir=cache, data="generated", expert="planner")
-    e.reset(4)
-    e.step(e.valid_actions()[0])
-    plan = e.expert_plan()
-    outs = play(e, plan)
-    assert all(i["action_is_valid"] for *_, i in outs) and e.success
-
-
-def test_max_steps_and_similarity(cache):
-    e = A.make_env("train", cache_dir=cache, data="generated", max_steps=3)
-    e.reset(0)
-    outs = play(e, ["x", "look", "y"])
-    assert [d for _, _, d, _ in outs] == [False, False, True] and not e.success and e.steps == 3
-    assert e.state_similarity("You arrive at Drawer 1.", "you arrive at drawer 1") == 1.0
-    assert e.state_similarity("nothing", "You arrive at drawer 1.") == 0.0
-    assert 0 < e.state_similarity("On the drawer 1, you see a key.", "On the drawer 2, you see a key.") < 1
-
-
-def test_generation_deterministic(cache, tmp_path):
-    a = A.generate_game("train", 0, cache_dir=cache)
-    b = A.generate_game("train", 0, cache_dir=str(tmp_path))
-    assert open(a).read() == open(b).read()
-    assert json.load(open(a))["pddl_problem"] != json.load(open(A.generate_game("train", 6, cache_dir=cache)))["pddl_problem"]
-    e1, e2 = A.make_env("train", cache_dir=cache, data="generated"), A.make_env("train", cache_dir=str(tmp_path), data="generated")
-    assert e1.reset(0) == e2.reset(0)
-
-
-def test_splits_disjoint(cache):
-    assert not set(A.OOD_SCENES) & set(A.TRAIN_SCENES)
-    seeds = {s: set(A.split_seeds(s, 1000)) for s in ("train", "id", "ood")}
-    assert not (seeds["train"] & seeds["id"]) and not (seeds["train"] & seeds["ood"]) and not (seeds["id"] & seeds["ood"])
-    seed = A.split_seeds("ood", 1, start=3)[0]
-    traj = os.path.join(os.path.dirname(A.generate_game("ood", seed, cache_dir=cache)), "traj_data.json")
-    assert int(json.load(open(traj))["scene"]["floor_plan"][len("FloorPlan"):]) in A.OOD_SCENES
-    with pytest.raises(ValueError):
-        A.make_env("test")
-    with pytest.raises(ValueError):
-        A.cache_root(os.path.join(os.path.dirname(A.__file__), "cache"))
-
-
-def test_official_layout_is_used_when_present(cache, tmp_path, monkeypatch):
-    # a stand-in for $ALFWORLD_DATA/json_2.1.1/valid_seen/<task>/<trial>/ made of generated game folders
-    import shutil
-    for seed in (0, 1):
-        src = os.path.dirname(A.generate_game("train", seed, cache_dir=cache))
-        shutil.copytree(src, tmp_path / "json_2.1.1" / "valid_seen" / f"task{seed}" / "trial_T0")
-    monkeypatch.setenv("ALFWORLD_DATA", str(tmp_path))
-    e = A.make_env("id")
-    assert e.gamefile_for(1).endswith(os.path.join("task1", "trial_T0", "game.tw-pddl"))
-    assert e.reset(3) == A.make_env("train", cache_dir=cache, data="generated").reset(1)  # 3 % 2 games
-    with pytest.raises(ValueError):
+def test_official_data_option(tmp_path, monkeypatch):
+    monkeypatch.setattr(A, "data_root", lambda: str(tmp_path))
+    with pytest.raises(ValueError, match="no official valid_unseen games"):
         A.make_env("ood", data="official")
+    assert A.make_env("ood").games is None                          # auto: generated games
+
+
+def test_fixes_stay_in_this_module(env):
+    env.reset(TRAIN[1])
+    env.expert_plan()
+    import fast_downward
+    from alfworld.agents.expert.handcoded_expert import BasePolicy
+    from fast_downward.interface import pddl2sas
+    from textworld.envs.pddl import logic
+    assert BasePolicy.update_state_tracking.__module__ == "alfworld.agents.expert.handcoded_expert"
+    assert fast_downward.pddl2sas is pddl2sas and logic.fast_downward.pddl2sas is pddl2sas

@@ -1,386 +1,325 @@
-"""Tests for android_env: the offline TextPhone stand-in and the AndroidWorld adapter (against a fake)."""
-import dataclasses
+"""Tests for android_env: the JSON action schema, T3A's screen text, and the AndroidWorld adapter, run end to end
+in its worker process against a fake android_world (tests/fixtures/android_world) that imports DeepMind's
+android_env package (pip install android-env, as CI does) exactly as the real modules do."""
+import importlib
 import json
+import os
 import pickle
-from types import SimpleNamespace
+import sys
 
-import numpy as np
 import pytest
 
 import android_env as A
+import envs
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 
 
-def _env(template):
-    return A.TextPhone(templates=[template])
+@pytest.fixture(scope="module", autouse=True)
+def device_log(tmp_path_factory):
+    """The fake device appends every call to this file; workers inherit the variable when they start."""
+    path = tmp_path_factory.mktemp("android_world") / "device.jsonl"
+    _close_devices()  # workers started before now would not log
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FAKE_ANDROID_WORLD_LOG", str(path))
+    yield path
+    mp.undo()
+    _close_devices()
 
 
-def _run(env, plan):
-    info = {}
-    for a in plan:
-        _, _, done, info = env.step(a)
-        assert info["action_is_valid"], (a, info)
-    return info
+def _close_devices():
+    for d in A.DEVICES.values():
+        d.close(wait=5)
+    A.DEVICES.clear()
 
 
-@pytest.mark.parametrize("template", list(A.TEMPLATES))
-def test_expert_solves_each_template(template):
-    env = _env(template)
-    for seed in range(5):
-        env.reset(seed)
-        assert env.task and not env.check()
-        plan = env.expert_plan()
-        assert plan is not None and len(plan) <= env.max_steps, (seed, plan)
-        _run(env, plan)
-        assert env.done and env.success and env.steps == len(plan)
+def _events(log, since=0):
+    lines = log.read_text().splitlines() if log.exists() else []
+    return [json.loads(l) for l in lines[since:]]
 
 
-def test_expert_plan_from_mid_episode_after_detours():
-    rng = np.random.default_rng(0)
-    for split in ("train", "ood"):
-        env = A.make_env(split)
-        for seed in A.split_seeds(split, 40):
-            env.reset(seed)
-            for _ in range(int(rng.integers(1, 6))):
-                acts = [a for a in env.valid_actions() if '"status"' not in a]
-                env.step(acts[int(rng.integers(len(acts)))])
-            if env.done:
-                continue
-            plan = env.expert_plan()
-            if plan is None:  # the detour destroyed something the task needs: then the check must fail too
-                assert not env.check()
-                continue
-            env.max_steps = 10 ** 6
-            _run(env, plan)
-            assert env.success, (seed, env.template)
+def _mark(log):
+    return len(log.read_text().splitlines()) if log.exists() else 0
 
 
-def _near_miss(template, old, new, seed=0):
-    """Run the expert plan with one typed value replaced; return success."""
-    env = _env(template)
-    env.reset(seed)
-    plan = [a.replace(json.dumps(old), json.dumps(new)) if '"input_text"' in a or '"answer"' in a else a
-            for a in env.expert_plan()]
-    assert plan != env.expert_plan()
-    _run(env, plan)
-    return env.done, env.success
+def aw(split="id", **options):
+    return A.make_env(split, backend="android_world", android_world_path=FIXTURES, **options)
 
 
-def test_checks_reject_near_misses():
-    for seed in range(3):
-        env = _env("add_contact"); env.reset(seed)
-        phone = env.params["phone"]
-        assert _near_miss("add_contact", phone, phone[:-1] + str((int(phone[-1]) + 1) % 10), seed) == (True, False)
-        env = _env("set_alarm"); env.reset(seed)
-        h, m = env.params["time"].split(":")
-        assert _near_miss("set_alarm", m, f"{(int(m) + 1) % 60:02d}", seed) == (True, False)
-        env = _env("send_message"); env.reset(seed)
-        assert _near_miss("send_message", env.params["text"], env.params["text"] + "!", seed) == (True, False)
-        env = _env("add_expense"); env.reset(seed)
-        amt = env.params["amount"]
-        assert _near_miss("add_expense", amt, str(int(amt) + 1), seed) == (True, False)
-        env = _env("answer_phone"); env.reset(seed)
-        ph = env.params["phone"]
-        assert _near_miss("answer_phone", ph, ph[:-1] + str((int(ph[-1]) + 3) % 10), seed) == (True, False)
-        env = _env("rename_file"); env.reset(seed)
-        assert _near_miss("rename_file", env.params["new"], "x" + env.params["new"], seed) == (True, False)
+def _index(env, **want):
+    """The device index of the first listed element whose fields match."""
+    return next(el["index"] for el in env.screens[-1] if all(el.get(k) == v for k, v in want.items()))
 
 
-def test_wrong_item_deleted_fails_and_is_unsolvable():
-    env = _env("delete_note")
-    env.reset(1)
-    other = next(n for n in env.data["notes"] if n["id"] != env.params["target_id"])
-    env.data["notes"].remove(other)
-    env.data["notes"] = [n for n in env.data["notes"] if n["id"] != env.params["target_id"]]
-    assert not env.check() and env.expert_plan() is None
-
-
-def test_toggle_wrong_setting_and_premature_status_fail():
-    env = _env("toggle_setting")
-    env.reset(2)
-    env.step(A.act("open_app", app_name="Settings"))
-    wrong = next(k for k in A.SETTINGS if k != env.params["setting"])
-    env.step(A.act("click", index=A._find(env, text=wrong)))
-    _, r, done, info = env.step(A.STATUS_DONE)
-    assert done and not info["success"] and r == 0.0
-
-
-def test_step_cap_ends_episode_and_checks_goal():
-    env = _env("toggle_setting")
-    env.reset(3)
-    plan = env.expert_plan()[:-1]  # solve it, never say complete
-    _run(env, plan + [A.act("wait")] * (env.max_steps - len(plan) - 1))
-    assert not env.done
-    _, _, done, info = env.step(A.act("wait"))
-    assert done and info["success"]
-
-
-def test_set_state_round_trip():
-    env = A.make_env("train")
-    rng = np.random.default_rng(1)
-    for seed in A.split_seeds("train", 6):
-        env.reset(seed)
-        env.step(env.expert_plan()[0])
-        state = env.get_state()
-        pickle.dumps(state)
-        acts = [a for a in env.valid_actions() if '"status"' not in a]
-        acts = [acts[int(i)] for i in rng.integers(len(acts), size=4)]
-        first = [env.step(a)[0] for a in acts]
-        env.set_state(state)
-        assert env.render() == state["obs"]
-        assert [env.step(a)[0] for a in acts] == first
-        env.set_state(state)  # the snapshot itself was not mutated by stepping
-        assert env.get_state() == state
-
-
-BAD = [
-    "", "hello", "{", "[1, 2]", "null", '{"action_type": "fly"}', '{"index": 1}', '{"action_type": "click"}',
-    '{"action_type": "click", "index": 99}', '{"action_type": "click", "index": -1}',
-    '{"action_type": "click", "index": "a"}', '{"action_type": "click", "index": true}',
-    '{"action_type": "click", "index": 1.5}', '{"action_type": "click", "index": 1, "x": 3, "y": 4}',
-    '{"action_type": "click", "x": 5, "y": 10}', '{"action_type": "click", "index": 1, "reason": "x"}',
-    '{"action_type": "input_text", "text": "x", "index": 1}', '{"action_type": "input_text", "index": 1}',
-    '{"action_type": "input_text", "text": "x"}', '{"action_type": "scroll", "direction": "sideways"}',
-    '{"action_type": "scroll"}', '{"action_type": "open_app", "app_name": "Chrome"}',
-    '{"action_type": "open_app"}', '{"action_type": "answer"}', '{"action_type": "status", "goal_status": "done"}',
-    '{"action_type": "status"}', "Action: {bad json", '[{"action_type": "wait"}]',
-]
-
-
-def test_bad_input_is_an_invalid_step_and_never_raises():
-    env = A.make_env("train", max_steps=100)
-    screen = env.reset(5)
-    for i, a in enumerate(BAD):
-        obs, r, done, info = env.step(a)
-        assert not info["action_is_valid"] and info["error"], a
-        assert obs.startswith("Invalid action: ") and obs.split("\n", 1)[1] == screen, a
-        assert env.steps == i + 1 and not done and r == 0.0
-    obs, _, _, info = env.step(123)  # not even a string
-    assert not info["action_is_valid"]
-
-
-def test_action_prefix_and_forms_accepted():
-    env = A.make_env("train")
-    env.reset(7)
-    for a in ('Action: {"action_type": "open_app", "app_name": "notes"}',
-              'Reason: the action: go back.\nAction: {"action_type": "navigate_back"}',
-              '{"action_type": "click", "index": "3"}', '{"action_type": "navigate_home"}',
-              '{"action_type": "click", "x": 500, "y": 250}'):  # y=250 -> row 0... element 0 is the title
+def _ok(env, *actions):
+    for a in actions:
         obs, _, _, info = env.step(a)
-        assert info["action_is_valid"], (a, info)
-    assert "text='Home'" in obs
-    env.step('{"action_type": "click", "x": 10, "y": 350}')  # row 1 = Contacts
-    assert "text='Contacts'" in env.render().splitlines()[0]
+        assert info["action_is_valid"], (a, obs)
+    return obs
 
 
-def test_scroll_pages_long_lists():
-    env = _env("delete_contact")
-    for seed in range(20):
-        env.reset(seed)
-        if len(env.data["contacts"]) > A.PAGE:
-            break
-    env.step(A.act("open_app", app_name="Contacts"))
-    names = [c["name"] for c in env.data["contacts"]]
-    assert names[0] in env.render() and names[-1] not in env.render()
-    env.step(A.act("scroll", direction="down"))
-    assert names[-1] in env.render() and names[0] not in env.render()
-    env.step(A.act("swipe", direction="down"))  # swiping down scrolls back up
-    assert names[0] in env.render()
+# ----------------------------------------------------------------------------- schema and screen text
+
+def test_parse_action_forms():
+    assert A.parse_action('Reason: r. Action: {"action_type": "click", "index": "3"}') == {
+        "action_type": "click", "index": 3}
+    assert A.parse_action(A.act("click", x=5, y=7)) == {"action_type": "click", "x": 5, "y": 7}
+    assert A.parse_action(A.act("input_text", text="a", index=2, clear_text=True)) == {
+        "action_type": "input_text", "text": "a", "index": 2, "clear_text": True}
+    assert A.parse_action(A.act("scroll", direction="up")) == {"action_type": "scroll", "direction": "up"}
+    assert A.parse_action(A.act("scroll", direction="up", index=4))["index"] == 4
+    for bad in ("", "{", '{"action_type": "fly"}', '{"action_type": "click"}', '{"action_type": "click", "index": 1.5}',
+                '{"action_type": "click", "index": 1, "x": 1, "y": 2}', '{"action_type": "input_text", "text": "a"}',
+                '{"action_type": "input_text", "text": "a", "index": 1, "clear_text": "yes"}',
+                '{"action_type": "wait", "clear_text": true}', '{"action_type": "status", "goal_status": "done"}'):
+        with pytest.raises(ValueError):
+            A.parse_action(bad)
 
 
-def test_typing_into_a_field_and_rendering():
-    env = _env("create_note")
-    env.reset(0)
-    env.step(A.act("open_app", app_name="Notes"))
-    env.step(A.act("click", index=A._find(env, desc="New note")))
-    line = env.render().splitlines()[1]
-    assert line == ("UI element 1: UIElement(text=None, content_description='Title', "
-                    "class_name='android.widget.EditText', is_clickable=True, is_editable=True)")
-    env.step(A.act("input_text", text="  Hi  ", index=1))
-    assert "text='Hi', content_description='Title'" in env.render()
-    env.step(A.act("input_text", text="", index=1))
-    _, _, _, info = env.step(A.act("click", index=A._find(env, text="Save")))
-    assert info["action_is_valid"] and "A note needs a title" in env.render() and len(env.stack) == 3
-    env.step(A.act("input_text", text="Hi", index=1))
-    assert "needs a title" not in env.render()
-    env.step(A.act("click", index=A._find(env, text="Save")))
-    assert env.stack[-1]["name"] == "notes" and any(n["title"] == "Hi" for n in env.data["notes"])
+def test_screen_lines_carry_t3as_fields():
+    el = {"text": "Wi-Fi", "content_description": None, "class_name": A.SW, "hint_text": None, "is_checked": True,
+          "is_checkable": True, "is_clickable": True, "is_editable": False}
+    assert A.ui_line(3, el) == ("UI element 3: UIElement(text='Wi-Fi', content_description=None, "
+                                "class_name='android.widget.Switch', hint_text=None, is_checked=True, "
+                                "is_clickable=True, is_editable=False)")
+    assert A.compact_line(3, el) == "3: Switch 'Wi-Fi' clickable on"
+    field = dict(el, text="Hi", class_name=A.EDIT, hint_text="Title", is_checked=False, is_checkable=False,
+                 is_editable=True)
+    assert A.compact_line(1, field) == "1: EditText 'Hi' hint='Title' clickable editable"
+    assert A.state_similarity("a\n b \n", "a\nb") == 1.0 and A.state_similarity("a\nc", "a\nb") == 0.5
 
 
-def test_valid_actions_are_valid():
-    env = A.make_env("ood")
-    rng = np.random.default_rng(3)
-    for seed in A.split_seeds("ood", 5):
-        env.reset(seed)
-        while not env.done:
-            acts = env.valid_actions()
-            _, _, _, info = env.step(acts[int(rng.integers(len(acts)))])
-            assert info["action_is_valid"], info
+# ----------------------------------------------------------------------------- the name collision
+
+def test_in_process_import_of_android_world_collides_with_this_module(monkeypatch):
+    """Why the worker exists, and proof that the fake imports `android_env` as the real android_world does:
+    in this process `android_env` is this project's module, so android_world's imports fail."""
+    monkeypatch.syspath_prepend(FIXTURES)
+    try:
+        with pytest.raises(ImportError, match="android_env"):
+            importlib.import_module("android_world.env.env_launcher")
+    finally:
+        for m in [m for m in sys.modules if m.split(".")[0] == "android_world"]:
+            del sys.modules[m]
 
 
-def test_determinism_per_seed():
-    a, b = A.make_env("train"), A.make_env("train")
-    tasks = set()
-    for seed in A.split_seeds("train", 10):
-        assert a.reset(seed) == b.reset(seed) and a.task == b.task
-        assert a.expert_plan() == b.expert_plan() and a.get_state() == b.get_state()
-        tasks.add(a.task)
-    assert len(tasks) > 5
-
-
-def test_splits_and_templates():
-    tr, i_d, ood = (set(A.split_seeds(s, 1000)) for s in ("train", "id", "ood"))
-    assert not (tr & i_d) and not (tr & ood) and not (i_d & ood)
-    assert A.split_seeds("id", 3, start=5) == [1_000_005, 1_000_006, 1_000_007]
-    assert set(A.ID_TEMPLATES).isdisjoint(A.OOD_TEMPLATES) and len(A.TEMPLATES) >= 12
-    env = A.make_env("ood")
-    seen = {(env.reset(s), env.template)[1] for s in A.split_seeds("ood", 40)}
-    assert seen == set(A.OOD_TEMPLATES)
-    with pytest.raises(ValueError):
-        A.make_env("test")
-    with pytest.raises(ValueError):
-        A.split_seeds("dev", 3)
-    with pytest.raises(ValueError):
-        A.TextPhone(templates=["no_such_task"])
-    env = A.make_env("id", max_steps=3)
-    env.reset(0)
-    assert env.max_steps == 3
-
-
-def test_state_similarity():
-    env = A.make_env("train")
-    obs = env.reset(0)
-    assert env.state_similarity(obs, obs) == 1.0
-    assert env.state_similarity(obs.replace("\n", "  \n "), obs) == 1.0
-    assert env.state_similarity("nothing", obs) == 0.0
-    half = "\n".join(obs.splitlines()[:4])
-    assert 0.0 < env.state_similarity(half, obs) < 1.0
-    assert env.state_similarity("", "") == 1.0
-    assert "JSON" in env.action_hint() and "input_text" in A.RULES
-
-
-# ----------------------------------------------------------------------------- adapter against a fake
-
-@dataclasses.dataclass
-class FakeJSONAction:  # same fields as android_world's JSONAction
-    action_type: str = None
-    index: int = None
-    x: int = None
-    y: int = None
-    text: str = None
-    direction: str = None
-    goal_status: str = None
-    app_name: str = None
-
-
-def _ui(text, cls, click=False, edit=False, visible=True):
-    return SimpleNamespace(text=text, content_description=None, class_name=cls, is_clickable=click,
-                           is_editable=edit, is_visible=visible, bbox_pixels=None)
-
-
-class FakeAsyncEnv:
-    """A one-screen counter 'phone' with AsyncEnv's reset/get_state/execute_action."""
-    def __init__(self):
-        self.count, self.typed, self.executed = 0, "", []
-
-    def reset(self, go_home=False):
-        self.count, self.typed = 0, ""
-        return self.get_state()
-
-    def get_state(self, wait_to_stabilize=False):
-        return SimpleNamespace(ui_elements=[
-            _ui(f"Count: {self.count}", A.TV), _ui("+1", A.BTN, click=True),
-            _ui(self.typed or None, A.EDIT, click=True, edit=True), _ui("hidden", A.TV, visible=False)])
-
-    def execute_action(self, action):
-        assert isinstance(action, FakeJSONAction)
-        self.executed.append(action)
-        if action.action_type == "click" and action.index == 1:
-            self.count += 1
-        if action.action_type == "input_text":
-            self.typed = action.text
-
-
-class FakeTask:
-    def __init__(self, seed):
-        self.target, self.initialized, self.complexity = 2 + seed % 2, False, 0.5
-
-    @property
-    def goal(self):
-        return f"Make the count {self.target}."
-
-    def initialize_task(self, env):
-        assert not self.initialized, "initialize_task twice"
-        self.initialized = True
-
-    def is_successful(self, env):
-        return 1.0 if env.count == self.target else 0.0
-
-    def tear_down(self, env):
-        self.initialized = False
-
-
-def _adapter():
-    return A.AndroidWorldEnv(FakeAsyncEnv(), FakeTask, json_action=FakeJSONAction)
-
-
-def test_adapter_episode_and_rendering():
-    env = _adapter()
-    obs = env.reset(0)
-    assert env.task == "Make the count 2." and env.max_steps == 5 and env.name == "android"
-    assert obs.splitlines()[1] == ("UI element 1: UIElement(text='+1', content_description=None, "
-                                   "class_name='android.widget.Button', is_clickable=True, is_editable=False)")
-    assert "hidden" not in obs and len(obs.splitlines()) == 3  # invisible elements are not listed
-    env.step('Action: {"action_type": "click", "index": 1}')
-    obs, _, _, info = env.step('{"action_type": "click", "index": 1}')
-    assert "Count: 2" in obs and info["action_is_valid"]
-    env.step(A.act("input_text", text="hi", index=2))
-    assert env.aw.executed[-1] == FakeJSONAction(action_type="input_text", text="hi", index=2)
-    _, r, done, info = env.step(A.STATUS_DONE)
-    assert done and info["success"] and r == 1.0 and len(env.aw.executed) == 3  # status is not sent to the device
-
-
-def test_adapter_bad_input_and_step_cap():
-    env = _adapter()
-    screen = env.reset(1)
-    for a in ("oops", '{"action_type": "click", "index": 9}', '{"action_type": "jump"}'):
-        obs, _, done, info = env.step(a)
-        assert not info["action_is_valid"] and obs == f"Invalid action: {info['error']}\n{screen}"
-    assert env.aw.executed == []
-    env.step(A.act("click", index=1))
-    _, _, done, info = env.step(A.act("click", index=1))  # 5th step = cap; goal was count 3
-    assert done and not info["success"]
-    assert env.step(A.act("wait"))[2]
-
-
-def test_adapter_branching_replays_from_reset():
-    env = _adapter()
-    env.reset(0)
-    env.step(A.act("click", index=1))
+def test_episode_end_to_end_in_a_worker_with_deepmind_android_env():
+    env = aw("ood", tasks=["SystemWifiTurnOn"])
+    where = env.device.info["android_env"]
+    assert where != A.__file__ and os.path.basename(os.path.dirname(where)) == "android_env"  # DeepMind's package
+    assert sys.modules["android_env"] is A  # while this process keeps this project's module
+    obs = env.reset(envs.split_seeds("ood", 1)[0])
+    assert (env.name, env.task, env.task_type, env.max_steps, env.steps) == (
+        "android", "Turn wifi on.", "SystemWifiTurnOn", 10, 0)
+    assert isinstance(env.rules, str) and env.rules == A.RULES and "clear_text" in env.rules
+    # T3A lists visible elements only, numbered by their place in the device's list (1 is hidden)
+    assert [l.split(":")[0] for l in obs.splitlines()] == ["UI element 0", "UI element 2", "UI element 3",
+                                                            "UI element 4"]
+    assert obs.splitlines()[1] == ("UI element 2: UIElement(text='Settings', content_description=None, "
+                                   "class_name='android.widget.TextView', hint_text=None, is_checked=False, "
+                                   "is_clickable=True, is_editable=False)")
+    _ok(env, A.act("open_app", app_name="Settings"))
+    wifi = _index(env, text="Wi-Fi")
+    assert "is_checked=False" in next(l for l in env.obs.splitlines() if "'Wi-Fi'" in l)
+    obs = _ok(env, A.act("click", index=wifi))
+    assert "is_checked=True" in next(l for l in obs.splitlines() if "'Wi-Fi'" in l)
+    obs, r, done, info = env.step(A.STATUS_DONE)
+    assert done and r == 1.0 and info == {"success": True, "action_is_valid": True} and env.steps == 3
     state = env.get_state()
-    nxt = env.step(A.act("click", index=1))[0]
+    assert env.step(A.act("navigate_home")) == envs.after_done(env) and env.get_state() == state
+
+
+# ----------------------------------------------------------------------------- android_world's episode rules
+
+def test_initialize_then_reset_go_home_then_stable_observations(device_log):
+    env = aw("id", tasks=["MarkorCreateNote"])
+    mark = _mark(device_log)
+    seed = envs.split_seeds("id", 1, start=3)[0]
+    obs = env.reset(seed)
+    ev = [e for e in _events(device_log, mark) if e["event"] in ("initialize_task", "reset", "get_state")]
+    assert [e["event"] for e in ev] == ["initialize_task", "reset", "get_state"]
+    assert ev[0]["params"]["seed"] == seed and ev[1]["go_home"] is True
+    assert "text='Home'" in obs  # initialize_task left Markor open; the runner's reset(go_home=True) came after
+    _ok(env, A.act("open_app", app_name="Markor"), A.act("navigate_back"))
+    assert all(e["wait_to_stabilize"] for e in _events(device_log, mark) if e["event"] == "get_state")
+
+    env = aw("id", tasks=["SystemBluetoothTurnOn"])  # start_on_home_screen = False
+    mark = _mark(device_log)
+    obs = env.reset(0)
+    assert [e["go_home"] for e in _events(device_log, mark) if e["event"] == "reset"] == [False]
+    assert "text='Bluetooth'" in obs
+
+
+def test_params_are_seeded_as_the_suite_seeds_them():
+    a, b = aw("id", tasks=["MarkorCreateNote"]), aw("id", tasks=["MarkorCreateNote"])
+    goals = [a.reset(s) and a.task for s in range(6)]
+    assert [b.reset(s) and b.task for s in range(6)] == goals and len(set(goals)) > 1
+    assert a.reset(4) == b.reset(4)  # initialize_task draws its noise from the seeded params too
+
+
+def test_success_needs_status_complete_and_is_successful():
+    env = aw("ood", tasks=["ClockStopWatchRunning"])
+
+    def solve():
+        env.reset(0)
+        _ok(env, A.act("open_app", app_name="Clock"))
+        return _ok(env, A.act("click", index=_index(env, text="Start")))
+    assert "Stopwatch running" in solve()
+    _, r, done, info = env.step(A.act("status", goal_status="infeasible"))
+    assert done and not info["success"] and r == 0.0
+    solve()
+    for _ in range(env.max_steps - 3):
+        assert not env.step(A.act("wait"))[2]
+    _, _, done, info = env.step(A.act("wait"))  # the goal holds, but the step budget ran out
+    assert done and env.steps == env.max_steps == 10 and not info["success"]
+    env.reset(0)
+    assert env.step(A.STATUS_DONE)[3] == {"success": False, "action_is_valid": True}
+    solve()
+    assert env.step(A.STATUS_DONE)[3]["success"]
+
+
+def test_information_task_is_checked_on_the_answer():
+    env = aw("id", tasks=["MarkorCountNotes"])
+    for answer in (None, "wrong", "count"):
+        env.reset(1)
+        obs = _ok(env, A.act("open_app", app_name="Markor"))
+        notes = [l for l in obs.splitlines() if l.endswith(".md', content_description=None, class_name="
+                                                          "'android.widget.TextView', hint_text=None, is_checked=False,"
+                                                          " is_clickable=False, is_editable=False)")]
+        if answer is not None:
+            _, _, done, _ = env.step(A.act("answer", text=str(len(notes)) if answer == "count" else "0"))
+            assert not done  # an answer does not end the episode
+        assert env.step(A.STATUS_DONE)[3]["success"] == (answer == "count")
+
+
+def test_input_text_appends_unless_clear_text_then_presses_enter(device_log):
+    env = aw("id", tasks=["MarkorCreateNote"])
+    env.reset(7)
+    name, text = env.task.split("named ")[1].split(" with")[0], env.task.split("text: ")[1]
+    _ok(env, A.act("open_app", app_name="Markor"))
+    _ok(env, A.act("click", index=_index(env, content_description="Create a new file")))
+    field = _index(env, hint_text="File name")
+    mark = _mark(device_log)
+    obs = _ok(env, A.act("input_text", text="ab", index=field))
+    adb = [e["command"] for e in _events(device_log, mark) if e["event"] == "adb"]
+    assert adb == ["tap", "input_text", "press_button"]  # focus the field, type, Enter
+    assert "text='ab'" in obs and "hint_text='File name'" in obs
+    assert "text='abcd'" in _ok(env, A.act("input_text", text="cd", index=field))
+    obs = _ok(env, A.act("input_text", text=name, index=field, clear_text=True))
+    assert f"text={name!r}" in obs and "abcd" not in obs
+    _ok(env, A.act("input_text", text=text, index=_index(env, hint_text="Note text")))
+    _ok(env, A.act("click", index=_index(env, text="Save")))
+    assert env.step(A.STATUS_DONE)[3]["success"]
+    env.reset(7)  # the note is gone again: initialize_task restored Markor's snapshot (reset only goes home)
+    _ok(env, A.act("open_app", app_name="Markor"))
+    assert name not in env.obs
+
+
+def test_invalid_actions_are_steps_that_reach_no_device(device_log):
+    env = aw("ood", tasks=["SystemWifiTurnOn"])
+    screen = env.reset(2)
+    mark = _mark(device_log)
+    for k, a in enumerate(("oops", A.act("click", index=1), A.act("click", index=5), A.act("input_text", text="x"),
+                           '{"action_type": "jump"}'), 1):  # 1 is hidden, 5 is below the screen
+        obs, r, done, info = env.step(a)
+        assert info == {"success": False, "action_is_valid": False} and not done and r == 0.0, a
+        assert obs.startswith("Invalid action: ") and obs.split("\n", 1)[1] == screen and env.steps == k
+    assert not [e for e in _events(device_log, mark) if e["event"] == "execute_action"]
+    assert env.valid_actions()[-1] == A.STATUS_DONE and env.step(env.valid_actions()[0])[3]["action_is_valid"]
+
+
+def test_device_error_ends_the_episode_and_a_dead_worker_is_replaced():
+    env = aw("ood", tasks=["SystemWifiTurnOn"])
+    env.reset(0)
+    _ok(env, A.act("open_app", app_name="Settings"))
+    obs, r, done, info = env.step(A.act("click", index=_index(env, text="About emulated device")))
+    assert done and info == {"success": False, "action_is_valid": False} and r == 0.0
+    assert obs.startswith("Device error: AdbControllerError: adb: device offline. The episode ends here.\n")
+    env.reset(0)
+    _ok(env, A.act("open_app", app_name="Settings"))
+    old = env.device
+    old.proc.kill()
+    old.proc.join(5)
+    obs, _, done, info = env.step(A.act("navigate_home"))
+    assert done and not info["action_is_valid"] and obs.startswith("Device error: the android_world worker")
+    env.reset(0)  # a fresh worker
+    assert env.device is not old and env.device.alive() and not env.done
+    assert env.step(A.act("open_app", app_name="Settings"))[3]["action_is_valid"]
+
+
+# ----------------------------------------------------------------------------- branching by replay
+
+def test_branching_replays_and_shares_one_emulator():
+    env = aw("id", tasks=["MarkorCreateNote"])
+    env.reset(5)
+    _ok(env, A.act("open_app", app_name="Markor"))
+    _ok(env, A.act("click", index=_index(env, content_description="Create a new file")))
+    state = env.get_state()
+    pickle.dumps(state)
+    futures = [A.act("input_text", text="x", index=_index(env, hint_text="File name")), A.act("navigate_back")]
+    seen = [env.step(a)[0] for a in futures]
     resets = env.resets
     env.set_state(state)
-    assert env.resets == resets + 1 and env.render() == state["obs"] and env.steps == 1
-    assert env.step(A.act("click", index=1))[0] == nxt
-    assert env.expert_plan() is None and A.STATUS_DONE in env.valid_actions()
+    assert env.resets == resets + 1 and env.obs == state["obs"] and env.steps == 2 and not env.done
+    assert [env.step(a)[0] for a in futures] == seen
+    now = env.get_state()
+    env.set_state(now)  # already there: no replay
+    assert env.resets == resets + 1 and env.get_state() == now
+    other = aw("id", tasks=["MarkorCreateNote"])  # a second env on the same emulator (one worker per emulator)
+    assert other.device is env.device
+    other.set_state(state)
+    assert other.obs == state["obs"]
+    assert [other.step(a)[0] for a in futures] == seen
+    obs = env.step(A.act("open_app", app_name="Markor"))[0]  # env takes the device back: replays its own episode
+    assert env.resets == resets + 2 and "x.md" not in obs and env.steps == 5
 
 
-def test_adapter_needs_android_world():
-    try:
-        import android_world  # noqa: F401
-        pytest.skip("android_world is installed")
-    except ImportError:
-        pass
-    with pytest.raises(ImportError, match="not on PyPI"):
-        A.AndroidWorldEnv(FakeAsyncEnv(), FakeTask)
+def test_replay_that_sees_another_screen_ends_the_branch():
+    env = aw("ood", tasks=["ClockStopWatchRunning"], freeze_datetime=False)  # the clock runs on
+    env.reset(0)
+    _ok(env, A.act("open_app", app_name="Clock"))
+    state = env.get_state()
+    env.step(A.act("wait"))
+    env.set_state(state)
+    assert env.done and not env.success and env.obs.startswith("Replay diverged at step 1: ")
+    assert env.step(A.act("click", index=2)) == envs.after_done(env)
 
 
-def test_compact_screens_are_shorter_and_still_solvable():
-    seeds = A.split_seeds("train", 6)
-    for s in seeds:
-        full, short = A.make_env("train"), A.make_env("train", compact=True)
-        a, b = full.reset(s), short.reset(s)
-        assert len(b) * 3 < len(a) and len(a.splitlines()) == len(b.splitlines())
-        for act_ in short.expert_plan():
-            short.step(act_)
-        assert short.success
+# ----------------------------------------------------------------------------- splits, options, ranks
+
+def test_split_by_template_from_the_registry():
+    names = aw("id").device.info["tasks"]
+    ids, ood = A.split_tasks(names, "id"), A.split_tasks(names, "ood")
+    assert A.split_tasks(names, "train") == ids and not set(ids) & set(ood) and set(ids) | set(ood) == set(names)
+    assert ids == ["MarkorCountNotes", "MarkorCreateNote", "SystemBluetoothTurnOn"]
+    assert ood == ["ClockStopWatchRunning", "SystemWifiTurnOn"]
+    env = aw("ood")
+    assert env.tasks == ood and [(env.reset(s), env.task_type)[1] for s in (0, 1, 2)] == ood + ood[:1]
+    assert aw("train", tasks=["MarkorCreateNote", "SystemWifiTurnOn"]).tasks == ["MarkorCreateNote"]
+    assert aw("ood", tasks="SystemWifiTurnOn").tasks == ["SystemWifiTurnOn"]  # one name as a string
+    with pytest.raises(ValueError, match="unknown android_world task"):
+        aw("id", tasks=["NoSuchTask"])
+    with pytest.raises(ValueError, match="no android_world task of split 'id'"):
+        aw("id", tasks=["SystemWifiTurnOn"])
+
+
+def test_reachable_from_env_kwargs_with_clear_errors(monkeypatch, device_log):
+    env = envs.make_env("android", "id", backend="android_world", android_world_path=FIXTURES, max_steps=3,
+                        compact=True)
+    assert env.reset(0).splitlines()[:2] == ["0: TextView 'Home'", "2: TextView 'Settings' clickable"]
+    assert type(env).__name__ == "AndroidWorldEnv" and env.max_steps == 3
+    for bad in ({"backend": "android_world", "templates": ["x"]}, {"backend": "textphone", "console_port": 1},
+                {"backend": "emulator"}):
+        with pytest.raises(ValueError):
+            A.make_env("id", **bad)
+    with pytest.raises(RuntimeError, match="no emulator on console port 5555"):
+        aw("id", console_port=5555)
+    if importlib.util.find_spec("android_world") is None:
+        with pytest.raises(ImportError, match="android_world could not be imported"):
+            A.make_env("id", backend="android_world", console_port=5560)
+    monkeypatch.setenv("LOCAL_RANK", "1")  # torchrun: rank 1 drives the next emulator
+    mark = _mark(device_log)
+    aw("id", adb_path="~/sdk/adb").reset(0)
+    launch = [e for e in _events(device_log, mark) if e["event"] == "load_and_setup_env"]
+    assert [(e["console_port"], e["grpc_port"], e["adb_path"]) for e in launch] == [
+        (5556, 8555, os.path.expanduser("~/sdk/adb"))]

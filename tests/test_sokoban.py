@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 import sokoban as S
-from sokoban import Sokoban, make_env, solve, split_seeds
+from envs import split_seeds
+from sokoban import Sokoban, make_env, solve
 
 
 def lvl(text, **kw):
@@ -19,7 +20,7 @@ def test_move_and_push():
     obs, r, done, info = env.step("Right")
     assert obs == "#######\n#_PX_O#\n#######"
     assert r == pytest.approx(-0.1) and not done
-    assert info == {"success": False, "action_is_valid": True, "action_is_effective": True}
+    assert info == {"success": False, "action_is_valid": True}        # exactly the protocol's keys
     obs, r, done, info = env.step("Right")                    # push
     assert obs == "#######\n#__PXO#\n#######" and r == pytest.approx(-0.1)
     assert env.room_state[1, 4] == 4 and env.room_state[1, 3] == 5 and env.player_position == (1, 3)
@@ -30,14 +31,14 @@ def test_push_into_wall_and_box_into_box():
     env.step("Down")                                          # (2,1) is floor
     before = env.render()
     obs, r, done, info = env.step("Down")                     # wall below player
-    assert obs == before and not info["action_is_effective"] and info["action_is_valid"]
+    assert obs == before and info["action_is_valid"]
     env2 = lvl("######\n#@$$.#\n#  ..#\n# $  #\n######")
     state = env2.room_state.copy()
     _, r, _, info = env2.step("Right")                        # a box never pushes a box
-    assert (env2.room_state == state).all() and not info["action_is_effective"] and r == pytest.approx(-0.1)
+    assert (env2.room_state == state).all() and r == pytest.approx(-0.1)
     env3 = lvl("####\n#@$#\n#. #\n####")
     _, _, _, info = env3.step("right")                        # box against wall
-    assert not info["action_is_effective"] and env3.player_position == (1, 1)
+    assert env3.player_position == (1, 1)
 
 
 def test_box_on_and_off_target_rewards_and_S():
@@ -54,8 +55,9 @@ def test_finish_gives_10_and_done():
     obs, r, done, info = env.step("Right")
     assert r == pytest.approx(10.9) and done and info["success"] and env.success and env.done
     assert obs == "#####\n#_P√#\n#####"
-    obs2, r2, done2, info2 = env.step("Left")                 # after the end: no change, no reward
+    obs2, r2, done2, info2 = env.step("Left")                 # after the end: no change, no reward, not counted
     assert obs2 == obs and r2 == 0.0 and done2 and env.steps == 1
+    assert info2 == {"success": True, "action_is_valid": False}
 
 
 def test_max_steps_done_and_invalid_action():
@@ -64,11 +66,11 @@ def test_max_steps_done_and_invalid_action():
     for i, a in enumerate(["jump", None, "Up  Down"]):
         obs, r, done, info = env.step(a)
         assert obs == start and r == pytest.approx(-0.1) and not info["action_is_valid"]
-        assert not info["action_is_effective"] and env.steps == i + 1
+        assert env.steps == i + 1
     assert done and not env.success and not info["success"]
     env = lvl("######\n#@ $.#\n######")
-    _, _, _, info = env.step("  rIGHT \n")                    # case and surrounding whitespace
-    assert info["action_is_valid"] and info["action_is_effective"]
+    obs, _, _, info = env.step("  rIGHT \n")                  # case and surrounding whitespace
+    assert info["action_is_valid"] and obs == "######\n#_P$O#\n######".replace("$", "X")
 
 
 def _gym_step(fixed, state, pos, bot, action, n_boxes):
@@ -160,9 +162,9 @@ def test_set_state_round_trip():
     other = make_env("ood")                                    # restore into another env, via pickle
     other.reset(99)
     other.set_state(pickle.loads(pickle.dumps(snap)))
-    assert other.render() == snap[-1] and [other.step(a)[:3] for a in acts] == run1
+    assert other.render() == snap["obs"] and [other.step(a)[:3] for a in acts] == run1
     env.set_state(snap)                                        # snapshot unaffected by later steps
-    assert env.render() == snap[-1] and env.steps == snap[4]
+    assert env.render() == snap["obs"] and env.steps == snap["steps"] and isinstance(snap, dict)
 
 
 def test_state_similarity_and_protocol_bits():
@@ -229,7 +231,8 @@ def test_solver_optimal_on_hand_levels(text, n):
     before = env.get_state()
     plan = solve(env)
     assert plan is not None and len(plan) == n
-    assert env.get_state()[1:] == before[1:]                  # solving does not move the env
+    after = env.get_state()
+    assert {k: v for k, v in after.items() if k != "fixed"} == {k: v for k, v in before.items() if k != "fixed"}
     for a in plan:
         env.step(a)
     assert env.success
@@ -238,7 +241,7 @@ def test_solver_optimal_on_hand_levels(text, n):
 def _bfs_len(env, limit=40):
     """Independent BFS through env.step (no pruning): optimal length or None."""
     start = env.get_state()
-    seen, frontier = {start[-1]}, [start]
+    seen, frontier = {start["obs"]}, [start]
     for depth in range(1, limit + 1):
         nxt = []
         for st in frontier:
@@ -292,7 +295,7 @@ def test_splits():
         split_seeds("train", 10, start=999_995)
     with pytest.raises(ValueError):
         make_env("test")
-    with pytest.raises(ValueError, match="unknown Sokoban option"):
+    with pytest.raises(ValueError, match="unknown sokoban option"):
         make_env("id", colour="red")
     e = make_env("ood")
     assert e.dim == (8, 8) and e.num_boxes == 2 and e.max_steps == 30
