@@ -1,22 +1,24 @@
-"""The LLM agent: model loading, prompts, the response format, a batched KV-cache generation loop, and
-lockstep multi-env episodes. The generation loop is hand-written (nanochat Engine style); the model and
-tokenizer come from transformers / tokenizers.
+"""The LLM agent: model loading, the response format, prompts, and lockstep multi-env episodes.
+
+One turn:  prompt = build_prompt(env's task, last history_k (action, observation) pairs, observation)
+           -> engine.generate -> parse_response -> env.step(action)
+The model and tokenizer come from transformers / tokenizers; the generation loop is engine.py's.
 """
 import importlib.util
 import math
 import os
 import re
-import sys
 from dataclasses import dataclass, field
 
 # Nothing is downloaded at run time (tests and default runs are offline); HF_HUB_OFFLINE=0 allows hub ids.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-import torch.nn.functional as F
-from tqdm import tqdm
-from transformers import (AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerFast,
-                          Qwen2Config, Qwen2ForCausalLM)
+from tqdm import tqdm  # noqa: E402
+from transformers import (AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config,  # noqa: E402
+                          Qwen2ForCausalLM)
+
+import engine  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------
 # Models
@@ -94,7 +96,7 @@ def load_model(name, dtype=None, device=None, **tiny):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Response format (INTERFACES.md): <think> Plan k: / "> action" + imagined state lines / Value: / Best: </think>
+# The response format: <think> Plan k: / "> action" + imagined state lines / Value: / Best: </think> <action>
 
 FORMAT_RESIM = """Answer in this format. Inside <think>, compare a few plans. A plan is a run of lines "> ACTION", each \
 followed by the observation you expect after that action, and ends with "Value: NUMBER" (from 0, hopeless, \
@@ -218,18 +220,15 @@ def parse_response(text):
 # Prompts
 
 def build_messages(env, history, obs, *, history_k=0, system=True, action_only=False):
-    """Chat messages of the prompt. System = the env module's RULES (module-level constant of the file that
-    defines type(env)) + the output format (FORMAT_ACTION if action_only). User = task, the last history_k
-    (action, observation) pairs (-1: all), the current observation and env.action_hint()."""
+    """Chat messages of the prompt. System = the env's rules + the output format (FORMAT_ACTION if
+    action_only). User = the task, the last history_k (action, observation) pairs (-1: all), the current
+    observation and env.action_hint()."""
     if history_k < -1:
         raise ValueError(f"history_k must be >= -1 (-1 = full history), got {history_k}")
     msgs = []
     if system:
-        rules = getattr(sys.modules[type(env).__module__], "RULES", None)
-        if rules is None:
-            raise ValueError(f"module {type(env).__module__} of env {type(env).__name__} defines no RULES")
         fmt = FORMAT_ACTION if action_only else FORMAT_RESIM
-        msgs.append({"role": "system", "content": f"{rules.strip()}\n\n{fmt}"})
+        msgs.append({"role": "system", "content": f"{env.rules.strip()}\n\n{fmt}"})
     window = history if history_k == -1 else history[-history_k:] if history_k else []
     parts = [f"Task: {env.task}"] if env.task else []
     if window:
@@ -247,156 +246,36 @@ def build_prompt(tokenizer, env, history, obs, *, history_k=0, system=True, acti
     return tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Generation: batched, left-padded, KV cache, finished rows dropped from the batch
-
-@dataclass
-class Generation:
-    token_ids: list     # sampled tokens, stop string included, EOS excluded
-    logprobs: list      # log-prob of each token under the distribution it was sampled from
-    text: str
-    finish_reason: str  # "stop" | "eos" | "length"
-
-
-def _sample(logits, temperature, top_p, gen):
-    """Next tokens and their log-probs under the (temperature, top-p) distribution; temperature 0 = greedy."""
-    logits = logits.float()
-    if temperature == 0:
-        lp = logits.log_softmax(-1)
-        tok = lp.argmax(-1)
-    else:
-        lp = (logits / temperature).log_softmax(-1)
-        if top_p < 1.0:  # keep the smallest prefix of sorted tokens whose mass reaches top_p, renormalise
-            slp, idx = lp.sort(-1, descending=True)
-            p = slp.exp()
-            slp[(p.cumsum(-1) - p) >= top_p] = -math.inf
-            lp = torch.full_like(lp, -math.inf).scatter(-1, idx, slp).log_softmax(-1)
-        tok = torch.multinomial(lp.exp(), 1, generator=gen).squeeze(-1)
-    return tok, lp.gather(-1, tok[:, None]).squeeze(-1)
-
-
-def _eos_ids(model, tokenizer):
-    e = model.generation_config.eos_token_id
-    e = set(e if isinstance(e, (list, tuple)) else [] if e is None else [e])
-    return e | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
-
-
-def _left_pad(ids, pad_id, T, dev):
-    x = torch.full((len(ids), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), T), dtype=torch.long)
-    for i, p in enumerate(ids):
-        x[i, T - len(p):], mask[i, T - len(p):] = torch.tensor(p), 1
-    x, mask = x.to(dev), mask.to(dev)
-    return x, mask, (mask.cumsum(1) - 1).clamp(min=0)   # positions count real tokens only
-
-
-def _prefill(model, ids, pad_id, group):
-    """Prefill rows in length-sorted groups (little padding compute), then merge their KV caches into one
-    batch left-padded to the longest prompt. Returns (cache, last logits, mask, positions)."""
-    dev, T = model.device, max(map(len, ids))
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    kv, logits = [], []
-    for g in range(0, len(ids), group):
-        rows = [ids[i] for i in order[g:g + group]]
-        x, m, p = _left_pad(rows, pad_id, len(rows[-1]), dev)
-        cache = DynamicCache(config=model.config)
-        logits.append(model(input_ids=x, attention_mask=m, position_ids=p, cache=cache, use_cache=True,
-                            logits_to_keep=1).logits[:, -1])
-        pad = T - x.shape[1]   # left-pad keys/values to T; the merged mask hides the padding
-        kv.append([(F.pad(l.keys, (0, 0, pad, 0)), F.pad(l.values, (0, 0, pad, 0))) for l in cache.layers])
-    inv = torch.tensor(order, device=dev).argsort()
-    merged = [(torch.cat([c[li][0] for c in kv])[inv], torch.cat([c[li][1] for c in kv])[inv])
-              for li in range(len(kv[0]))]
-    _, mask, pos = _left_pad(ids, pad_id, T, dev)
-    return DynamicCache(ddp_cache_data=merged, config=model.config), torch.cat(logits)[inv], mask, pos
-
-
-@torch.inference_mode()
-def _generate_batch(model, tokenizer, ids, max_new_tokens, temperature, top_p, stop, gen, prefill_group):
-    dev, B = model.device, len(ids)
-    eos = _eos_ids(model, tokenizer)
-    window = 4 * max(map(len, stop), default=0) + 4   # tokens to decode for the stop check (>= stop's chars)
-    cache, logits, mask, pos = _prefill(model, ids, tokenizer.pad_token_id, prefill_group)
-    pos = pos[:, -1]
-    rows = list(range(B))   # original index of each row still in the batch
-    toks, lps, reason = [[] for _ in ids], [[] for _ in ids], [None] * B
-    for step in range(max_new_tokens):
-        nxt, lp = _sample(logits, temperature, top_p, gen)
-        for r, t, l in zip(rows, nxt.tolist(), lp.tolist()):
-            if t in eos:
-                reason[r] = "eos"
-            else:
-                toks[r].append(t)
-                lps[r].append(l)
-        if stop:   # one batched decode of each row's tail
-            live = [r for r in rows if reason[r] is None]
-            for r, tail in zip(live, tokenizer.batch_decode([toks[r][-window:] for r in live])):
-                if any(s in tail for s in stop):
-                    reason[r] = "stop"
-        if step == max_new_tokens - 1:
-            break
-        keep = [j for j, r in enumerate(rows) if reason[r] is None]
-        if not keep:
-            break
-        if len(keep) < len(rows):   # drop finished rows: KV cache, mask, positions
-            idx = torch.tensor(keep, device=dev)
-            cache.batch_select_indices(idx)
-            mask, pos, nxt = mask[idx], pos[idx], nxt[idx]
-            rows = [rows[j] for j in keep]
-        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)
-        pos = pos + 1
-        logits = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos[:, None],
-                       cache=cache, use_cache=True).logits[:, -1]
-    return [Generation(toks[i], lps[i], tokenizer.decode(toks[i]), reason[i] or "length") for i in range(B)]
-
-
-def generate(model, tokenizer, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, stop=("</action>",),
-             seed=None, batch_size=128, prefill_group=8):
-    """Sample a response for each prompt (text, or a list of token ids). Rows end on a stop string (kept),
-    EOS (dropped) or max_new_tokens. batch_size chunks very large batches; prefill_group rows of similar
-    length are prefilled together (less padding). seed: reproducible sampling."""
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
-    if isinstance(stop, str):
-        stop = (stop,)
-    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] if isinstance(p, str) else list(p) for p in prompts]
-    if any(len(p) == 0 for p in ids):
-        raise ValueError("empty prompt")
-    if max_new_tokens <= 0:
-        return [Generation([], [], "", "length") for _ in ids]
-    gen = None
-    if seed is not None:
-        gen = torch.Generator(device=model.device).manual_seed(seed)
-    out = []
-    for i in range(0, len(ids), batch_size):
-        out += _generate_batch(model, tokenizer, ids[i:i + batch_size], max_new_tokens, temperature, top_p,
-                               tuple(stop or ()), gen, prefill_group)
-    return out
+def encode(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 # ----------------------------------------------------------------------------------------------------
 # Episodes
 
-def episode_return(steps, success, invalid=0, format_penalty=0.0):
-    """Paper's R(tau): -0.1 per non-terminal step, +10 at the terminal step on success (0 on failure),
-    minus format_penalty per invalid step. A 3-step success = 9.8."""
+def episode_return(steps, success, *, invalid=0, format_penalty=0.0, cap=None):
+    """The paper's R(tau): -0.1 per non-terminal step, +10 at the terminal step on success (0 on failure);
+    minus format_penalty per invalid step. A 3-step success returns 9.8.
+    cap: charge a failed episode as if it ran to this step cap, so that quitting early (a false "complete" at
+    step 1 returns 0.0 with the paper's return, more than trying and failing) does not pay."""
     if steps < 0 or (success and steps == 0):
         raise ValueError(f"bad episode: steps={steps}, success={success}")
+    if cap is not None and not success:
+        steps = max(steps, cap)
     return -0.1 * max(steps - 1, 0) + (10.0 if success else 0.0) - format_penalty * invalid
 
 
 @dataclass
 class Turn:
-    prompt_ids: list
-    response_ids: list
-    logprobs: list
-    text: str
-    obs: str            # the observation the prompt showed
-    action: str         # parsed action, None if unparseable
-    valid: bool         # info["action_is_valid"]
-    reward: float       # env.step's own reward
+    prompt_ids: list        # the prompt the policy answered (s_t with its short history)
+    response_ids: list      # the token ids it sampled (EOS kept where it stopped on EOS): what is trained on
+    text: str               # the decoded response
+    obs: str                # the observation the prompt showed
+    action: str             # the parsed action; None if unreadable (then the raw text was sent, an invalid step)
+    valid: bool             # info["action_is_valid"]
     done: bool
     success: bool
+    refine_prompt_ids: list = None   # SimRollout only: s_ref, the prompt of tau'_refine (the response is a_ref)
 
 
 @dataclass
@@ -405,41 +284,56 @@ class Episode:
     seed: int
     turns: list
     success: bool
-    steps: int
-    ret: float
+    max_steps: int          # the env's step cap (the "cap" return charges failures up to it)
+    task_type: str = ""
+
+    @property
+    def steps(self):
+        return len(self.turns)
+
+    @property
+    def invalid(self):
+        return sum(not t.valid for t in self.turns)
+
+    @property
+    def ret(self):
+        """The paper's return (evaluation); the RL stages apply their own return options to the same episode."""
+        return episode_return(self.steps, self.success)
 
 
-def run_episodes(model, tokenizer, envs, seeds, *, gen_kwargs, history_k=0, system=True, progress=False,
-                 action_only=False, format_penalty=0.0):
+def run_episodes(model, tokenizer, envs, seeds, *, gen_kwargs, seed=0, history_k=0, system=True,
+                 action_only=False, progress=False):
     """Play envs[i] from reset(seeds[i]) in lockstep: one generate call per turn for all active envs.
-    An unparseable response still steps the env, with the raw text (the env marks it invalid) and the
-    raw text is what the history shows."""
+    Sampling draws from ONE generator seeded with `seed` that advances across turns, so no two turns share
+    noise (a row whose prompt repeats still gets a fresh sample). An unreadable response still steps the env
+    with the raw text (the env marks it invalid), and the raw text is what the history shows."""
     if len(envs) != len(seeds) or len({id(e) for e in envs}) != len(envs):
         raise ValueError("need one distinct env per seed")
+    gen = torch.Generator(device=model.device if model is not None else "cpu").manual_seed(seed)
     obs = [env.reset(s) for env, s in zip(envs, seeds)]
     hist, turns = [[] for _ in envs], [[] for _ in envs]
     active = list(range(len(envs)))
     bar = tqdm(disable=not progress, desc="turns", unit="turn")
     while active:
-        ids = [tokenizer(build_prompt(tokenizer, envs[i], hist[i], obs[i], history_k=history_k, system=system,
-                                      action_only=action_only), add_special_tokens=False)["input_ids"]
-               for i in active]
-        gens = generate(model, tokenizer, ids, **gen_kwargs)
+        ids = [encode(tokenizer, build_prompt(tokenizer, envs[i], hist[i], obs[i], history_k=history_k,
+                                              system=system, action_only=action_only)) for i in active]
+        gens = engine.generate(model, tokenizer, ids, generator=gen, **gen_kwargs)
         for i, p, g in zip(active, ids, gens):
-            action = parse_response(g.text).action
-            sent = action if action is not None else g.text
-            new_obs, reward, done, info = envs[i].step(sent)
-            turns[i].append(Turn(p, g.token_ids, g.logprobs, g.text, obs[i], action,
-                                 bool(info["action_is_valid"]), reward, bool(done), bool(info["success"])))
-            hist[i].append((sent, new_obs))
-            obs[i] = new_obs
+            turns[i].append(play_turn(envs[i], p, g, obs[i], hist[i]))
+            obs[i] = hist[i][-1][1]
         active = [i for i in active if not turns[i][-1].done]
         bar.update(1)
         bar.set_postfix(active=len(active))
     bar.close()
-    eps = []
-    for env, seed, ts in zip(envs, seeds, turns):
-        success, invalid = ts[-1].success, sum(not t.valid for t in ts)
-        eps.append(Episode(env.name, seed, ts, success, len(ts),
-                           episode_return(len(ts), success, invalid, format_penalty)))
-    return eps
+    return [Episode(env.name, int(s), ts, ts[-1].success, env.max_steps, env.task_type)
+            for env, s, ts in zip(envs, seeds, turns)]
+
+
+def play_turn(env, prompt_ids, gen, obs, history, refine_prompt_ids=None):
+    """Step env with a generation's action (its raw text when unreadable); record the turn and the history."""
+    action = parse_response(gen.text).action
+    sent = action if action is not None else gen.text
+    new_obs, _, done, info = env.step(sent)
+    history.append((sent, new_obs))
+    return Turn(list(prompt_ids), list(gen.token_ids), gen.text, obs, action, bool(info["action_is_valid"]),
+                bool(done), bool(info["success"]), refine_prompt_ids)

@@ -10,24 +10,16 @@ score averages over steps, then episodes.
     python evaluate.py --model runs/resim_sokoban/model --split ood --episodes 100 --show 1
 """
 import argparse
-import importlib
 import json
 import math
-import os
 import time
 
 import numpy as np
 
 import agent
+import common
+import envs
 import simrollout
-
-ENV_MODULES = {"sokoban": "sokoban", "alfworld": "alfworld_env", "android": "android_env"}
-
-
-def env_module(name):
-    if name not in ENV_MODULES:
-        raise ValueError(f"unknown env {name!r}: use one of {sorted(ENV_MODULES)}")
-    return importlib.import_module(ENV_MODULES[name])
 
 
 def wilson(k, n, z=1.96):
@@ -79,16 +71,15 @@ def side_by_side(action, imagined, real):
     return "\n".join(out)
 
 
-def episode_rows(envs, episodes):
+def episode_rows(made, episodes):
     """One dict of metrics per episode (simulation score by replay)."""
     rows = []
-    for env, ep in zip(envs, episodes):
+    for env, ep in zip(made, episodes):
         sims, _ = replay(env, ep)
         rows.append(dict(seed=ep.seed, success=bool(ep.success), steps=ep.steps, ret=ep.ret,
-                         invalid=sum(not t.valid for t in ep.turns) / max(1, len(ep.turns)),
+                         invalid=ep.invalid / max(1, ep.steps),
                          tokens=float(np.mean([len(t.response_ids) for t in ep.turns])) if ep.turns else 0.0,
-                         sim=float(np.mean(sims)) if sims else 0.0,
-                         task_type=getattr(env, "task_type", None),
+                         sim=float(np.mean(sims)) if sims else 0.0, task_type=ep.task_type or None,
                          optimal=getattr(env, "solution_length", None)))   # Sokoban: BFS-optimal length
     return rows
 
@@ -115,17 +106,18 @@ def summarize(rows):
 def play(model, tokenizer, env_name, split, seeds, *, env_kwargs=None, history_k=0, system=True,
          max_new_tokens=512, temperature=0.0, batch=256, progress=True):
     """Play `seeds` of a split (greedy by default), `batch` episodes in lockstep. Returns (envs, episodes)."""
-    mod, envs, eps = env_module(env_name), [], []
+    made, eps = [], []
     for i in range(0, len(seeds), batch):
         chunk = seeds[i:i + batch]
-        envs += [mod.make_env(split, **(env_kwargs or {})) for _ in chunk]
-        eps += agent.run_episodes(model, tokenizer, envs[i:], chunk, history_k=history_k, system=system,
-                                  gen_kwargs=dict(max_new_tokens=max_new_tokens, temperature=temperature,
-                                                  seed=0), progress=progress)
-    return envs, eps
+        made += [envs.make_env(env_name, split, **(env_kwargs or {})) for _ in chunk]
+        eps += agent.run_episodes(model, tokenizer, made[i:], chunk, history_k=history_k, system=system, seed=i,
+                                  gen_kwargs=dict(max_new_tokens=max_new_tokens, temperature=temperature),
+                                  progress=progress)
+    return made, eps
 
 
 def format_table(results):
+    """The metrics of each split, then success per task type and per optimal length where there are any."""
     head = f"{'split':<6}{'n':>5}{'success':>9}{'95% CI':>14}{'steps':>7}{'return':>8}{'invalid':>9}" \
            f"{'tokens':>8}{'sim':>6}"
     lines = [head]
@@ -133,16 +125,11 @@ def format_table(results):
         lo, hi = m["success_ci95"]
         lines.append(f"{split:<6}{m['episodes']:>5}{m['success']:>9.3f}{f'[{lo:.2f},{hi:.2f}]':>14}"
                      f"{m['steps']:>7.1f}{m['ret']:>8.2f}{m['invalid']:>9.3f}{m['tokens']:>8.1f}{m['sim']:>6.2f}")
+    for split, m in results.items():
+        for key in ("success_by_task_type", "success_by_length"):
+            if key in m:
+                lines.append(f"  {split} {key}: " + ", ".join(f"{k} {v:.2f}" for k, v in m[key].items()))
     return "\n".join(lines)
-
-
-def prompt_settings(model_name):
-    """Prompt settings a trained checkpoint was trained with (dynamind.json beside the weights)."""
-    path = os.path.join(model_name, "dynamind.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            return json.load(f)
-    return {}
 
 
 def main():
@@ -150,7 +137,9 @@ def main():
     ap.add_argument("--model", default="tiny", help="tiny | smollm2 | a run's model directory | hub id")
     ap.add_argument("--env", default=None, help="sokoban | alfworld | android (default: the checkpoint's)")
     ap.add_argument("--split", default="id", choices=["id", "ood", "train"])
-    ap.add_argument("--episodes", type=int, default=20)
+    ap.add_argument("--episodes", type=int, default=None, help="default 20, or every game with --official")
+    ap.add_argument("--official", action="store_true", help="ALFWorld: play the official games (valid_seen for "
+                    "id: 140, valid_unseen for ood: 134), each once")
     ap.add_argument("--start", type=int, default=0, help="first seed index of the split")
     ap.add_argument("--max-new-tokens", type=int, default=None)
     ap.add_argument("--temperature", type=float, default=0.0)
@@ -160,24 +149,27 @@ def main():
     ap.add_argument("--show", type=int, default=0, help="print the first K episodes, imagined vs real")
     args = ap.parse_args()
 
-    saved = prompt_settings(args.model)
+    saved = common.prompt_settings(args.model)
     env_name = args.env or saved.get("env", "sokoban")
     history_k = args.history_k if args.history_k is not None else saved.get("history_k", 0)
     system = bool(args.system) if args.system is not None else saved.get("system", args.model != "tiny")
     max_new = args.max_new_tokens or saved.get("max_new_tokens", 256)   # a d=1 Sokoban trace is ~190
     env_kwargs = saved.get("env_kwargs", {}) if saved.get("env") == env_name else {}
+    if args.official:
+        if env_name != "alfworld":
+            raise SystemExit("--official is for --env alfworld")
+        env_kwargs = dict(env_kwargs, data="official")
+        args.episodes = args.episodes or len(envs.make_env(env_name, args.split, **env_kwargs).games)
+    args.episodes = args.episodes or 20
     t0 = time.time()
     model, tok = agent.load_model(args.model)
-    seeds = env_module(env_name).split_seeds(args.split, args.episodes, start=args.start)
-    envs, eps = play(model, tok, env_name, args.split, seeds, env_kwargs=env_kwargs, history_k=history_k,
+    seeds = envs.split_seeds(args.split, args.episodes, start=args.start)
+    made, eps = play(model, tok, env_name, args.split, seeds, env_kwargs=env_kwargs, history_k=history_k,
                      system=system, max_new_tokens=max_new, temperature=args.temperature)
-    metrics = summarize(episode_rows(envs, eps))
+    metrics = summarize(episode_rows(made, eps))
     metrics.update(model=args.model, env=env_name, split=args.split, seconds=time.time() - t0)
     print(format_table({args.split: metrics}))
-    for key in ("success_by_task_type", "success_by_length"):
-        for t, v in metrics.get(key, {}).items():
-            print(f"  {key[11:]} {t:<30}{v:.3f}")
-    for ep, env in list(zip(eps, envs))[:args.show]:
+    for ep, env in list(zip(eps, made))[:args.show]:
         print(f"\n=== episode seed {ep.seed}: success {ep.success}, steps {ep.steps}")
         print(replay(env, ep, show=True)[1])
     if args.out:

@@ -1,17 +1,29 @@
-"""Hand-written policy-gradient math for GRPO / RLOO / Dyna-GRPO (numerics follow veRL's core_algos).
+"""Hand-written policy-gradient math for SFT, GRPO, RLOO and Dyna-GRPO (numerics follow veRL's core_algos).
+
+One sample type runs from trace to loss: Sample(prompt_ids, response_ids, advantage). Every turn of an episode
+is one sample carrying its episode's advantage; a ReSim trace is a sample with advantage 1. The loss is one
+function: with old log-probs it is GRPO's clipped ratio, without them (SFT) it is -A * log p.
 
 Shapes: B sequences (one turn each), L = longest response in the batch. `mask` is 1 on real response tokens.
 """
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 
 
-def response_logprobs(model, prompt_ids, response_ids, pad_id, *, with_entropy=False, temperature=1.0):
+@dataclass
+class Sample:
+    prompt_ids: list        # what the policy saw (s_t, or s_ref for a refinement)
+    response_ids: list      # the tokens it wrote (or the ReSim trace), EOS included
+    advantage: float = 1.0  # the episode's advantage, A_refine, or 1 for SFT
+
+
+def response_logprobs(model, prompt_ids, response_ids, pad_id, *, temperature=1.0):
     """log p(response token | prompt + earlier response tokens) for a right-padded batch; keeps grad.
 
-    Returns (logp [B, L], mask [B, L]) and entropy [B, L] (detached, for stats) when with_entropy.
-    `temperature` divides the logits, as veRL does, so the log-probs match a sampler run at that temperature.
+    Returns (logp [B, L], mask [B, L]). `temperature` divides the logits, as veRL does, so the log-probs are
+    those of the distribution the sampler drew from (its temperature).
     """
     if len(prompt_ids) != len(response_ids):
         raise ValueError(f"prompt_ids has {len(prompt_ids)} rows but response_ids has {len(response_ids)}")
@@ -33,20 +45,14 @@ def response_logprobs(model, prompt_ids, response_ids, pad_id, *, with_entropy=F
         mask[b, : R[b]] = 1
     ids, attn, resp, mask = ids.to(device), attn.to(device), resp.to(device), mask.to(device)
     if L == 0:  # nothing to score
-        out = (torch.zeros(B, 0, device=device), mask)
-        return out + (torch.zeros(B, 0, device=device),) if with_entropy else out
+        return torch.zeros(B, 0, device=device), mask
     # Response token j of row b is predicted by the hidden state at position P[b]-1+j. Passing these positions
     # as logits_to_keep projects only B x L states onto the vocab, never the B x T x V prompt logits.
     pos = torch.tensor(P).unsqueeze(1) - 1 + torch.arange(L).unsqueeze(0)
     pos = pos.clamp(max=T - 1).to(device)  # padded slots point at any valid position; masked out below
     logits = model(input_ids=ids, attention_mask=attn, logits_to_keep=pos, use_cache=False).logits
     logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)  # fp32: bf16 log-probs are too coarse
-    logp = logprobs.gather(-1, resp.unsqueeze(-1)).squeeze(-1) * mask  # padded slots are exactly 0
-    if not with_entropy:
-        return logp, mask
-    with torch.no_grad():
-        entropy = -(logprobs.exp() * logprobs).sum(-1) * mask
-    return logp, mask, entropy
+    return logprobs.gather(-1, resp.unsqueeze(-1)).squeeze(-1) * mask, mask  # padded slots are exactly 0
 
 
 def _groups(rewards, group_ids):
@@ -62,12 +68,11 @@ def _groups(rewards, group_ids):
     return r, rows
 
 
-def group_advantages(rewards, group_ids, norm_std=True, eps=1e-6):
+def group_advantages(rewards, group_ids, eps=1e-6):
     """GRPO: (r - mean_g) / (std_g + eps), unbiased std. A size-1 or all-equal group gives 0.
 
     (veRL gives a size-1 group r / (1 + eps); we give 0: a lone sample has no baseline. An all-equal group is
     forced to 0 because float rounding in mean_g would otherwise be amplified by 1/eps.)
-    norm_std=False is Dr. GRPO's unscaled r - mean_g.
     """
     r, rows = _groups(rewards, group_ids)
     adv = torch.zeros_like(r)
@@ -75,8 +80,7 @@ def group_advantages(rewards, group_ids, norm_std=True, eps=1e-6):
         g = r[idx]
         if len(idx) < 2 or bool((g == g[0]).all()):
             continue
-        a = g - g.mean()
-        adv[idx] = a / (g.std() + eps) if norm_std else a
+        adv[idx] = (g - g.mean()) / (g.std() + eps)
     return adv.float()
 
 
@@ -106,32 +110,35 @@ def _masked_mean(x, mask):
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
-def agg_loss(loss_mat, mask, agg="token-mean"):
-    """Reduce a [B, L] per-token loss to a scalar (veRL's loss_agg_mode names)."""
+def agg_loss(loss_mat, mask, agg="token-mean", *, n_tok=None, n_seq=None, budget=None):
+    """Reduce a [B, L] per-token loss to this batch's share of the loss (veRL's loss_agg_mode names).
+
+    n_tok / n_seq: response tokens / non-empty sequences of the WHOLE batch the optimiser step takes (all
+    micro-batches, all ranks), so that summing the shares of the micro-batches gives the batch's loss whatever
+    the micro-batch size or rank count; default: this micro-batch alone. budget: Dr. GRPO's constant length
+    (the generation budget, max_new_tokens); default: this micro-batch's longest response."""
+    n = mask.sum(-1)
+    n_tok = mask.sum().clamp(min=1) if n_tok is None else n_tok
+    n_seq = (n > 0).sum().clamp(min=1) if n_seq is None else n_seq
     if agg == "token-mean":  # every token weighs the same: long responses weigh more
-        return _masked_mean(loss_mat, mask)
-    if agg == "seq-mean-token-mean":  # every sequence weighs the same; empty sequences are skipped
-        n = mask.sum(-1)
-        seq = (loss_mat * mask).sum(-1) / n.clamp(min=1)
-        has = (n > 0).to(seq.dtype)
-        return (seq * has).sum() / has.sum().clamp(min=1)
+        return (loss_mat * mask).sum() / n_tok
+    if agg == "seq-mean-token-mean":  # every sequence weighs the same; empty sequences add nothing
+        return ((loss_mat * mask).sum(-1) / n.clamp(min=1)).sum() / n_seq
     if agg == "seq-mean-token-sum-norm":  # Dr. GRPO: a constant normaliser, so no length bias
-        return (loss_mat * mask).sum() / (mask.shape[0] * mask.shape[1])
+        return (loss_mat * mask).sum() / (n_seq * (budget or mask.shape[1]))
     raise ValueError(f"unknown agg {agg!r}: use one of {AGG_MODES}")
 
 
 def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, beta=0.0, clip_low=0.2, clip_high=0.2,
-                agg="token-mean", clip_ratio_c=None):
-    """Clipped PPO/GRPO surrogate (+ beta * k3 KL to the reference), aggregated by `agg`. Returns (loss, stats).
-
-    advantages: [B] (one per sequence, broadcast over its tokens) or [B, L].
-    clip_ratio_c: optional veRL dual-clip bound for A < 0 (e.g. 3.0); None (default) = plain clipping.
-    """
+                agg="token-mean", n_tok=None, n_seq=None, budget=None):
+    """The clipped PPO/GRPO surrogate (+ beta * k3 KL to the reference), aggregated by `agg` (see agg_loss for
+    n_tok, n_seq, budget). old_logp None: no ratio, the per-token loss is -A * log p (SFT when A = 1).
+    advantages: [B] (one per sequence, broadcast over its tokens) or [B, L]. Returns (loss, stats)."""
     if agg not in AGG_MODES:  # fail before any work
         raise ValueError(f"unknown agg {agg!r}: use one of {AGG_MODES}")
-    if logp.shape != old_logp.shape or logp.shape != mask.shape:
-        raise ValueError(f"logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)} and mask "
-                         f"{tuple(mask.shape)} must have the same shape")
+    if logp.shape != mask.shape or (old_logp is not None and old_logp.shape != logp.shape):
+        raise ValueError(f"logp {tuple(logp.shape)}, old_logp {None if old_logp is None else tuple(old_logp.shape)}"
+                         f" and mask {tuple(mask.shape)} must have the same shape")
     adv = torch.as_tensor(advantages, dtype=logp.dtype, device=logp.device)
     if adv.dim() == 1:
         adv = adv.unsqueeze(-1)
@@ -141,37 +148,28 @@ def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, beta=0.0, cl
     mask = m.to(logp.dtype)
     # Zero padded slots first: masked tokens then get exactly zero gradient, and garbage there can't make NaNs.
     logp = torch.where(m, logp, 0.0)
-    old_logp = torch.where(m, old_logp.detach(), 0.0)
-
-    log_ratio = torch.clamp(logp - old_logp, -20.0, 20.0)  # exp overflow guard (veRL)
-    ratio = torch.exp(log_ratio)
-    pg1 = -adv * ratio
-    pg2 = -adv * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
-    pg = torch.maximum(pg1, pg2)  # pessimistic bound: clip only takes away the incentive to move further
-    if clip_ratio_c is not None:  # dual clip: cap the loss of a negative-advantage token at -A * c
-        pg = torch.where(adv < 0, torch.minimum(pg, -adv * clip_ratio_c), pg)
+    kw = dict(n_tok=n_tok, n_seq=n_seq, budget=budget)
+    if old_logp is None:
+        pg = -adv * logp
+        ratio = log_ratio = clipped = torch.zeros_like(logp)
+    else:
+        old_logp = torch.where(m, old_logp.detach(), 0.0)
+        log_ratio = torch.clamp(logp - old_logp, -20.0, 20.0)  # exp overflow guard (veRL)
+        ratio = torch.exp(log_ratio)
+        pg1 = -adv * ratio
+        pg2 = -adv * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+        pg = torch.maximum(pg1, pg2)  # pessimistic bound: clip only takes away the incentive to move further
+        clipped = (pg2 > pg1).to(logp.dtype)
     per_token = pg
-
     kl = torch.zeros_like(logp)
     if ref_logp is not None:
         d = torch.clamp(torch.where(m, ref_logp.detach(), 0.0) - logp, -20.0, 20.0)
         kl = torch.clamp(torch.exp(d) - d - 1, -10.0, 10.0)  # k3 "low_var_kl": unbiased, always >= 0
         if beta > 0:
             per_token = per_token + beta * kl  # agg is linear, so this equals veRL's pg_loss + beta * kl_loss
-
-    loss = agg_loss(per_token, mask, agg)
+    loss = agg_loss(per_token, mask, agg, **kw)
     with torch.no_grad():
-        stats = {
-            "pg_loss": agg_loss(pg, mask, agg).item(),
-            "clip_frac": _masked_mean((pg2 > pg1).to(logp.dtype), mask).item(),
-            "ratio_mean": _masked_mean(ratio, mask).item(),
-            "kl": _masked_mean(kl, mask).item(),
-            "approx_kl": _masked_mean(-log_ratio, mask).item(),  # old vs new, as veRL's ppo_kl
-        }
+        stats = {"pg_loss": agg_loss(pg, mask, agg, **kw).item(), "clip_frac": _masked_mean(clipped, mask).item(),
+                 "ratio_mean": _masked_mean(ratio, mask).item(), "kl": _masked_mean(kl, mask).item(),
+                 "approx_kl": _masked_mean(-log_ratio, mask).item()}  # old vs new, as veRL's ppo_kl
     return loss, stats
-
-
-def sft_loss(logp, mask):
-    """Negative log-likelihood, token-mean over response tokens (ReSim distillation)."""
-    m = mask.bool()
-    return -_masked_mean(torch.where(m, logp, 0.0), m.to(logp.dtype))

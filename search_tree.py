@@ -4,7 +4,7 @@ Every node keeps the real observation the environment produced, so a trace writt
 contains only true future states. Branching uses the protocol's env.get_state()/env.set_state().
 
 Rollout policies (`act(env, rng) -> action`):   expert (expert plan with epsilon-random deviations),
-                                                 random, llm (the model through agent.generate).
+                                                 random, llm (a model through engine.generate).
 Value functions (`value(env) -> float`):        expert (gamma ** steps-to-go, 0 when unsolvable),
                                                  mc (Monte-Carlo success, the paper's Appendix D.3 form),
                                                  llm (a prompted judge).
@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 import agent
+import engine
 
 
 @dataclass
@@ -77,9 +78,9 @@ def llm_policy(model, tokenizer, *, history_k=0, system=True, temperature=1.0, m
     """The current model as the rollout policy (one generate call per step; for GPU runs)."""
 
     def act(env, rng):
-        prompt = agent.build_prompt(tokenizer, env, [], env.render(), history_k=history_k, system=system)
-        g = agent.generate(model, tokenizer, [prompt], max_new_tokens=max_new_tokens,
-                           temperature=temperature, seed=int(rng.integers(2**31)))[0]
+        prompt = agent.build_prompt(tokenizer, env, [], env.obs, history_k=history_k, system=system)
+        g = engine.generate(model, tokenizer, [prompt], max_new_tokens=max_new_tokens, temperature=temperature,
+                            seed=int(rng.integers(2**31)))[0]   # fresh noise: rng advances every call
         return agent.parse_response(g.text).action or g.text
     return act
 
@@ -119,10 +120,10 @@ def llm_value(model, tokenizer, max_new_tokens=8):
     """A prompted judge; an answer that is not a number in [0, 1] counts as 0."""
 
     def value(env):
-        msgs = [{"role": "user", "content": JUDGE.format(task=env.task, obs=env.render())}]
+        msgs = [{"role": "user", "content": JUDGE.format(task=env.task, obs=env.obs)}]
         prompt = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-        text = agent.generate(model, tokenizer, [prompt], max_new_tokens=max_new_tokens,
-                              temperature=0.0, stop=("\n",))[0].text
+        text = engine.generate(model, tokenizer, [prompt], max_new_tokens=max_new_tokens, temperature=0.0,
+                               stop=("\n",))[0].text
         try:
             v = float(text.strip().split()[0])
         except (ValueError, IndexError):
@@ -132,6 +133,9 @@ def llm_value(model, tokenizer, max_new_tokens=8):
 
 
 def make_policy(name, *, eps=0.25, model=None, tokenizer=None, **llm_kw):
+    """The rollout policy by name; "llm" needs a model and its tokenizer."""
+    if name == "llm" and model is None:
+        raise ValueError("rollout policy 'llm' needs a model")
     if name == "expert":
         return expert_policy(eps)
     if name == "random":
@@ -142,6 +146,9 @@ def make_policy(name, *, eps=0.25, model=None, tokenizer=None, **llm_kw):
 
 
 def make_value(name, *, gamma=0.9, act=None, model=None, tokenizer=None, mc_n=8, mc_horizon=20):
+    """The value function by name; "llm" needs a model and its tokenizer."""
+    if name == "llm" and model is None:
+        raise ValueError("value function 'llm' needs a model")
     if name == "expert":
         return expert_value(gamma)
     if name == "mc":

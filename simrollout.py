@@ -1,26 +1,33 @@
-"""SimRollout (the paper's Algorithm 2): the policy's own plan is run in a branched copy of the REAL env, the
-real future states are shown back to it, and it writes a refined response a_ref.
+"""SimRollout (the paper's Algorithm 2) and the samples of Dyna-GRPO's simulation-improvement phase.
 
 At each step t of an episode:
-    a      = pi(s_t)                                   # a normal response: simulation + plan + action
-    plan   = extract_plan(a)                           # its chosen plan, at most d actions
-    s'     = execute plan from s_t in a branch         # REAL future states s'_{t+1..t+n}
+    a      = pi(s_t)                                   # a normal response: simulation, choice, action
+    plan   = extract_plan(a)                           # the chosen plan (it starts with a's action), <= d actions
+    s'     = execute plan from s_t in a branch         # REAL future states s'_{t+1..t+n}; the env is restored
     s_ref  = s_t (+) a (+) interleave(plan, s')        # the refinement prompt (a chat: user, assistant, user)
     a_ref  = pi(s_ref)                                 # the refined response
-    tau'        gets (s_t,   a_ref)                    # learn the improved policy without future info
+    tau'        gets (s_t,   a_ref)                    # learn the improved policy without future information
     tau'_refine gets (s_ref, a_ref)                    # learn to refine simulations given real futures
     s_{t+1} = env.step(action of a_ref)                # the real trajectory follows the REFINED action
-Both lists share a_ref's token ids and the episode's outcome; they differ only in the prompt.
+tau' and tau'_refine share a_ref's token ids and the episode's outcome; they differ only in the prompt, so one
+Turn holds both (its refine_prompt_ids is s_ref).
+
+Phase (A) of Dyna-GRPO trains tau U tau' as one GRPO group (the episode advantage) and tau'_refine with the
+binary A_refine: `simulation_samples`.
 """
-from dataclasses import dataclass, field
+import numpy as np
+import torch
 
 import agent
+import engine
+import grpo
 
 REFINE = "Real states after your plan:\n{futures}\nWrite an improved answer."   # short: byte-level models pay per char
 
 
 def real_futures(env, actions):
-    """Execute `actions` from env's current state in a branch; the env is restored afterwards."""
+    """Execute `actions` from env's current state in a branch: [(action, real observation)] until the episode
+    ends; the env is restored afterwards."""
     root, out = env.get_state(), []
     for a in actions:
         if env.done:
@@ -32,15 +39,18 @@ def real_futures(env, actions):
 
 
 def extract_plan(text, d):
-    """The chosen plan's actions (at most d); a response with no plan falls back to its action alone."""
+    """The plan whose first action is the one the response executes: its chosen plan if that starts with its
+    action, else the action alone; cut to d actions. No action: nothing to execute."""
     parsed = agent.parse_response(text)
+    if parsed.action is None:
+        return []
     plan = parsed.chosen_plan()
-    if plan is not None and plan.actions:
+    if plan is not None and plan.actions and plan.actions[0] == parsed.action:
         return plan.actions[:d]
-    return [parsed.action] if parsed.action else []
+    return [parsed.action][:d]
 
 
-def refinement_messages(tokenizer, env, history, obs, response, futures, *, history_k, system):
+def refinement_prompt(tokenizer, env, history, obs, response, futures, *, history_k, system):
     """s_ref = s (+) a (+) real futures, as a chat continuing the plain prompt's messages."""
     listing = "\n".join(f"> {a}\n{o}" for a, o in futures) or "(your response had no plan to execute)"
     msgs = agent.build_messages(env, history, obs, history_k=history_k, system=system)
@@ -49,47 +59,45 @@ def refinement_messages(tokenizer, env, history, obs, response, futures, *, hist
     return tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
 
 
-@dataclass
-class SimEpisode:
-    env_name: str
-    seed: int
-    turns: list = field(default_factory=list)         # tau':        prompt s_t,   response a_ref
-    refine_turns: list = field(default_factory=list)  # tau'_refine: prompt s_ref, response a_ref
-    success: bool = False
-    steps: int = 0
-    ret: float = 0.0
-
-
-def simrollout(model, tokenizer, envs, seeds, *, gen_kwargs, d=5, history_k=0, system=True,
-               format_penalty=0.0):
-    """SimRollout episodes for all envs in lockstep: two generate calls per turn (a, then a_ref)."""
+def simrollout(model, tokenizer, envs, seeds, *, gen_kwargs, seed=0, d=5, history_k=0, system=True):
+    """SimRollout episodes for all envs in lockstep: two generate calls per turn (the draft a, then a_ref),
+    both drawing from one generator seeded with `seed` that advances, so the draft and the refinement never
+    share noise. Returns agent.Episode objects whose turns carry refine_prompt_ids."""
+    gen = torch.Generator(device=model.device).manual_seed(seed)
     obs = [env.reset(s) for env, s in zip(envs, seeds)]
-    hist = [[] for _ in envs]
-    eps = [SimEpisode(env.name, int(s)) for env, s in zip(envs, seeds)]
+    hist, turns = [[] for _ in envs], [[] for _ in envs]
     active = list(range(len(envs)))
     while active:
-        plain = [agent.build_prompt(tokenizer, envs[i], hist[i], obs[i], history_k=history_k, system=system)
-                 for i in active]
-        first = agent.generate(model, tokenizer, plain, **gen_kwargs)
-        refine = [refinement_messages(tokenizer, envs[i], hist[i], obs[i], g.text,
-                                      real_futures(envs[i], extract_plan(g.text, d)),
-                                      history_k=history_k, system=system)
-                  for i, g in zip(active, first)]
-        second = agent.generate(model, tokenizer, refine, **gen_kwargs)
-        for i, s, s_ref, g in zip(active, plain, refine, second):
-            action = agent.parse_response(g.text).action
-            o, r, done, info = envs[i].step(action if action is not None else g.text)
-            for turns, prompt in ((eps[i].turns, s), (eps[i].refine_turns, s_ref)):
-                turns.append(agent.Turn(
-                    prompt_ids=tokenizer(prompt, add_special_tokens=False)["input_ids"],
-                    response_ids=list(g.token_ids), logprobs=list(g.logprobs), text=g.text, obs=obs[i],
-                    action=action, valid=bool(info["action_is_valid"]), reward=r, done=done,
-                    success=bool(info["success"])))
-            hist[i].append((action if action is not None else g.text, o))
-            obs[i] = o
-        active = [i for i in active if not envs[i].done]
-    for ep, env in zip(eps, envs):
-        ep.success, ep.steps = bool(env.success), env.steps
-        invalid = sum(not t.valid for t in ep.turns)
-        ep.ret = agent.episode_return(ep.steps, ep.success, invalid, format_penalty)
-    return eps
+        plain = [agent.encode(tokenizer, agent.build_prompt(tokenizer, envs[i], hist[i], obs[i],
+                                                            history_k=history_k, system=system)) for i in active]
+        drafts = engine.generate(model, tokenizer, plain, generator=gen, **gen_kwargs)
+        refine = [agent.encode(tokenizer, refinement_prompt(
+            tokenizer, envs[i], hist[i], obs[i], g.text, real_futures(envs[i], extract_plan(g.text, d)),
+            history_k=history_k, system=system)) for i, g in zip(active, drafts)]
+        refined = engine.generate(model, tokenizer, refine, generator=gen, **gen_kwargs)
+        for i, s, s_ref, g in zip(active, plain, refine, refined):
+            turns[i].append(agent.play_turn(envs[i], s, g, obs[i], hist[i], refine_prompt_ids=s_ref))
+            obs[i] = hist[i][-1][1]
+        active = [i for i in active if not turns[i][-1].done]
+    return [agent.Episode(env.name, int(s), ts, ts[-1].success, env.max_steps, env.task_type)
+            for env, s, ts in zip(envs, seeds, turns)]
+
+
+def simulation_samples(plain, sim, returns):
+    """Phase (A)'s two batches. tau U tau': plain rollouts and SimRollouts of a task form one GRPO group (every
+    turn a sample with its episode's advantage; tau' pairs a_ref with the plain prompt s_t). tau'_refine: the
+    same a_ref under s_ref, with the binary A_refine = 1[success and R > max(mean R_tau, mean R_tau')].
+    `returns(episode)` is the return the RL stage trains on. Returns (group samples, refine samples, stats)."""
+    group = plain + sim
+    R = [returns(ep) for ep in group]
+    adv = grpo.group_advantages(torch.tensor(R), [ep.seed for ep in group])
+    r_plain, r_sim = R[:len(plain)], R[len(plain):]
+    mean = lambda rs, eps, s: float(np.mean([r for r, e in zip(rs, eps) if e.seed == s]))   # noqa: E731
+    a_ref = [grpo.a_refine(r, ep.success, mean(r_plain, plain, ep.seed), mean(r_sim, sim, ep.seed))
+             for r, ep in zip(r_sim, sim)]
+    group_samples = [grpo.Sample(t.prompt_ids, t.response_ids, float(a)) for ep, a in zip(group, adv) for t in ep.turns]
+    refine_samples = [grpo.Sample(t.refine_prompt_ids, t.response_ids, a) for ep, a in zip(sim, a_ref)
+                      for t in ep.turns]
+    stats = dict(a_refine_mean=float(np.mean(a_ref)) if a_ref else 0.0,
+                 simrollout_success=float(np.mean([ep.success for ep in sim])) if sim else 0.0)
+    return group_samples, refine_samples, stats

@@ -2,19 +2,20 @@
 
     torchrun --nproc_per_node=1 train.py --stage resim                      # stage 1: ReSim -> SFT -> eval
     torchrun --nproc_per_node=1 train.py --stage dyna_grpo                  # stage 2 from the ReSim model
-    torchrun --nproc_per_node=1 train.py --stage grpo  --config configs/sokoban.yaml rl.steps=10
-    python train.py --stage rloo ...                                        # plain python works too
+    python train.py --stage grpo --config configs/android.yaml rl.steps=10  # plain python works too
     torchrun --nproc_per_node=8 train.py --stage dyna_grpo dist=fsdp ...    # FSDP2 for big models
     python train.py --resume runs/resim_sokoban                             # continue a killed run exactly
 
 The config is DEFAULTS below (the embedded default: Sokoban, tiny model, CPU), then --config YAML, then
 key=value overrides (dotted keys, YAML values). Unknown keys and wrong types are errors before any work.
 
-RL stages (the paper's Algorithm 1; grpo/rloo skip phase A):
+Stage 1, ReSim (stage_resim): real search trees -> traces (resim.py) -> SFT (sft_step).
+Stage 2 (stage_rl), the paper's Algorithm 1; grpo and rloo run phase (B) only:
     for it in 1..N:
-        (A) n_T simulation-improvement steps: G/2 SimRollouts (tau', tau'_refine) + G/2 plain rollouts per task;
-            GRPO on the group tau U tau' (episode advantage), then on tau'_refine with A_refine
-        (B) n_pi policy-improvement steps: G plain rollouts per task, GRPO (or RLOO) on outcome return
+        (A) n_T simulation-improvement steps: per task G/2 SimRollouts (tau', tau'_refine) + G/2 plain
+            rollouts; GRPO on the group tau U tau', then on tau'_refine with A_refine     simulation_phase
+        (B) n_pi policy-improvement steps: G plain rollouts per task, GRPO (or RLOO)      policy_phase
+Both stages train grpo.Sample's with grpo.policy_loss: SFT is the RL loss with A = 1 and no ratio.
 """
 import argparse
 import copy
@@ -23,7 +24,6 @@ import json
 import math
 import os
 import random
-import shutil
 import signal
 import sys
 import time
@@ -35,579 +35,400 @@ import yaml
 from tqdm import tqdm
 
 import agent
+import common
+import envs
 import evaluate
 import grpo
 import resim
+import search_tree
 import simrollout
+from common import allreduce_grads, allsum, gather, sharded
 
 DEFAULTS = {
-    "env": "sokoban",
-    "env_kwargs": {},             # passed to the env module's make_env (e.g. max_steps)
-    "model": "tiny",              # tiny | smollm2 | a model directory | a hub id (resim stage)
-    "tiny": {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
+    "env": "sokoban",             # sokoban | alfworld | android (envs.ENVS)
+    "env_kwargs": {},             # the env's own options, given to its make_env (e.g. {max_steps: 10})
+    "model": "tiny",              # stage 1's model: tiny | smollm2 | a save_pretrained directory | a hub id
+    "tiny": {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,  # the tiny model's shape
              "num_key_value_heads": 4, "intermediate_size": 768},
-    "init_from": "",              # RL stages: a model directory (default: runs/resim_<env>/model)
-    "out_dir": "",                # default: runs/<stage>_<env>
-    "seed": 0,
+    "init_from": "",              # RL stages: the model to start from (default: runs/resim_<env>/model)
+    "out_dir": "",                # the run directory (default: runs/<stage>_<env>)
+    "seed": 0,                    # model init, data order, trees and sampling noise all derive from it
     "device": "auto",             # auto | cpu | cuda
-    "dist": "ddp",                # ddp: full model per rank | fsdp: FSDP2 fully_shard (torchrun, N > 1)
-    "checkpoint_minutes": 10.0,   # training state saved at most this often (and on Ctrl-C / SIGTERM)
-    "bf16": True,                 # autocast to bfloat16 (CPU AMX or GPU)
-    "history_k": 0,               # (action, observation) pairs shown; Sokoban is Markov
-    "system": False,              # system prompt: rules and format text (off for a from-scratch model)
-    "max_new_tokens": 320,
-    "resim": {"episodes": 7000, "b": 4, "d": 1, "b_train": 2, "rollout": "expert", "eps": 0.3,
-              "value": "expert", "gamma": 0.9, "refine_frac": 0.15, "aggregator": "template",
-              "aggregator_model": "", "action_only": False, "reuse_traces": True},
-    "sft": {"epochs": 1, "batch_size": 16, "micro_batch": 16, "lr": 2e-3, "warmup": 0.05,
-            "weight_decay": 0.0, "grad_clip": 1.0},
-    "rl": {"steps": 12, "tasks": 4, "group": 8, "lr": 1e-4, "ppo_epochs": 1, "micro_batch": 16,
-           "clip_low": 0.2, "clip_high": 0.28, "beta": 0.0, "agg": "token-mean", "temperature": 1.0,
-           "n_T": 1, "n_pi": 1, "sim_depth": 5, "format_penalty": 0.0, "grad_clip": 1.0,
-           "task_start": 100000},
-    "eval": {"id": 200, "ood": 100, "temperature": 0.0, "batch": 256},
+    "dist": "ddp",                # ddp: a full model per rank | fsdp: FSDP2 fully_shard (torchrun, N > 1)
+    "checkpoint_minutes": 10.0,   # checkpoint.pt at most this often, and on Ctrl-C / SIGTERM (see --resume)
+    "bf16": True,                 # bfloat16 autocast for training, a bfloat16 copy for generation
+    "history_k": 0,               # (action, observation) pairs shown in the prompt; Sokoban is Markov
+    "system": False,              # system prompt with the rules and the format (a from-scratch model can't read it)
+    "max_new_tokens": 320,        # generation budget per response (also Dr. GRPO's constant length)
+    "resim": {                    # stage 1: the search trees and the traces written from them
+        "episodes": 7000,         # train episodes searched; only the solved ones become traces
+        "b": 4,                   # rollouts per real state
+        "d": 1,                   # rollout depth (the paper caps it at 5)
+        "b_train": 2,             # rollouts kept in a trace: the best and b_train - 1 others
+        "plan_order": "shuffled",  # shuffled: the best plan's place is random | best_first (the ablation)
+        "rollout": "expert",      # rollout policy: expert (with eps-random deviations) | random | llm
+        "eps": 0.3,               # the expert's deviation probability
+        "value": "expert",        # leaf value: expert (gamma ** steps-to-go) | mc (Appendix D.3) | llm
+        "gamma": 0.9,             # the value's discount
+        "refine_frac": 0.15,      # share of steps that also give a SimRollout-format example (README)
+        "aggregator": "template",  # template | llm: a model writes the comparison between the plans
+        "aggregator_model": "",   # the model for the llm aggregator / rollout / value ("": the one trained)
+        "action_only": False,     # the ablation: train on the chosen action alone, no simulation
+        "reuse_traces": True,     # reuse the run directory's traces.jsonl when it was made with this config
+    },
+    "sft": {                      # stage 1: distilling the traces (train.sft_step)
+        "epochs": 1,              # passes over the traces (fresh episodes beat repeated epochs)
+        "batch_size": 16,         # samples per optimiser step per rank
+        "micro_batch": 16,        # samples per forward / backward (gradient accumulation)
+        "lr": 2e-3,               # AdamW peak learning rate
+        "warmup": 0.05,           # share of steps of linear warm-up, then cosine decay to 0
+        "weight_decay": 0.0,      # AdamW's decoupled weight decay
+        "grad_clip": 1.0,         # max gradient norm
+    },
+    "rl": {                       # stage 2: GRPO / RLOO / Dyna-GRPO (train.stage_rl)
+        "steps": 12,              # RL steps; each takes one optimiser step (two in a simulation step)
+        "tasks": 4,               # train tasks per step per rank
+        "group": 8,               # G: rollouts per task (phase A: G/2 SimRollouts + G/2 plain rollouts)
+        "lr": 1e-4,               # AdamW learning rate (constant)
+        "ppo_epochs": 1,          # optimiser steps per batch (old log-probs fixed before the first)
+        "micro_batch": 16,        # samples per forward / backward
+        "clip_low": 0.2,          # ratio clip: [1 - clip_low, 1 + clip_high] (DAPO's asymmetric clip)
+        "clip_high": 0.28,        # (clip_high > clip_low lets unlikely good tokens grow faster)
+        "beta": 0.0,              # k3 KL to the initial policy (0: no reference model)
+        "agg": "token-mean",      # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm (Dr. GRPO)
+        "temperature": 1.0,       # sampling temperature; the update's log-probs use it too (as veRL)
+        "n_T": 1,                 # Dyna-GRPO: simulation-improvement steps per iteration
+        "n_pi": 1,                # Dyna-GRPO: policy-improvement steps per iteration
+        "sim_depth": 5,           # SimRollout: at most this many actions of a plan are executed
+        "format_penalty": 0.0,    # subtracted from the return per invalid step
+        "fail_return": "paper",   # paper: -0.1 a step | cap: a failure costs the whole step budget
+        "grad_clip": 1.0,         # max gradient norm
+        "task_offset": 100000,    # RL tasks are train seeds from here on (ReSim searched the first ones)
+    },
+    "eval": {                     # held-out evaluation after training (evaluate.py)
+        "id": 200,                # held-out ID episodes (0: skip)
+        "ood": 100,               # held-out OOD episodes (0: skip)
+        "temperature": 0.0,       # 0: greedy
+        "batch": 256,             # episodes played in lockstep
+    },
 }
 STAGES = ("resim", "grpo", "rloo", "dyna_grpo")
+ROLES = ("plain", "sim")          # sampling streams of an RL step
+SORT_WINDOW = 32                  # SFT: batches sorted by length inside windows of this many batches
 
 
-# ---- config -----------------------------------------------------------------------------------------
-
-def same_type(default, value):
-    """A value may replace a default of its type; an int may stand for a float, a bool for nothing else."""
-    if isinstance(default, bool) or isinstance(value, bool):
-        return isinstance(default, bool) and isinstance(value, bool)
-    if isinstance(default, float):
-        return isinstance(value, (int, float))
-    return isinstance(value, type(default))
+def make_optimizer(model, lr, weight_decay=0.0):
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
 
 
-def merge(base, new, where="config"):
-    """Merge `new` into a copy of `base`; unknown keys and mismatched types raise ValueError."""
-    out = copy.deepcopy(base)
-    for k, v in (new or {}).items():
-        if k not in base:
-            raise ValueError(f"{where}: unknown key {k!r}; valid keys: {', '.join(sorted(base))}")
-        b = base[k]
-        if isinstance(b, float) and isinstance(v, str):   # YAML reads 1e-4 (no dot) as a string
-            try:
-                v = float(v)
-            except ValueError:
-                pass
-        if isinstance(b, dict) and k != "env_kwargs":
-            if not isinstance(v, dict):
-                raise ValueError(f"{where}.{k}: expected a mapping, got {v!r}")
-            out[k] = merge(b, v, f"{where}.{k}")
-        elif not same_type(b, v):
-            raise ValueError(f"{where}.{k}: expected {type(b).__name__}, got {v!r}")
-        else:
-            out[k] = float(v) if isinstance(b, float) else v
-    return out
+def logprobs(net, chunk, pad, bf16, temperature=1.0):
+    dev = next(net.parameters()).device
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+        return grpo.response_logprobs(net, [s.prompt_ids for s in chunk], [s.response_ids for s in chunk], pad,
+                                      temperature=temperature)
 
 
-def load_config(path=None, overrides=()):
-    cfg = DEFAULTS
-    if path:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: the config must be a YAML mapping")
-        cfg = merge(cfg, data, path)
-    for ov in overrides:
-        if "=" not in ov:
-            raise ValueError(f"override {ov!r}: expected key=value")
-        key, val = ov.split("=", 1)
-        nested = yaml.safe_load(val)
-        for part in reversed(key.split(".")):
-            nested = {part: nested}
-        cfg = merge(cfg, nested, "override")
-    return cfg
+def micro_batches(samples, size):
+    """Samples of similar length together (less padding)."""
+    order = sorted(samples, key=lambda s: len(s.prompt_ids) + len(s.response_ids))
+    return [order[i:i + size] for i in range(0, len(order), size)]
 
 
-# ---- distributed ------------------------------------------------------------------------------------
+# ---- the two updates, side by side ----------------------------------------------------------------------
 
-def setup_dist(cfg):
-    """(rank, world, device). torchrun sets WORLD_SIZE; one process needs no process group."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    cuda = torch.cuda.is_available() and cfg["device"] in ("auto", "cuda")
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if world > 1:
-        torch.distributed.init_process_group("nccl" if cuda else "gloo")
-    return rank, world, device
-
-
-def gather(obj, world):
-    """All ranks' lists, concatenated (identity for one process)."""
-    if world == 1:
-        return obj
-    out = [None] * world
-    torch.distributed.all_gather_object(out, obj)
-    return [x for part in out for x in part]
-
-
-def allreduce_grads(model, world):
-    """Sum gradients over ranks once per optimizer step (no sync on accumulation micro-batches, so ranks
-    with different numbers of micro-batches never wait on each other)."""
-    if world > 1 and not sharded(model):     # FSDP reduce-scatters in backward
-        for p in model.parameters():
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            torch.distributed.all_reduce(p.grad)
+def sft_step(model, opt, sched, batch, pad, sc, bf16, world):
+    """One SFT optimiser step: -log p of the trace tokens (A = 1, no ratio), token-mean over the global batch,
+    so N ranks with batch B equal one process with batch N x B."""
+    n_tok = allsum(sum(len(s.response_ids) for s in batch), world)
+    total = 0.0
+    for k in range(0, len(batch), sc["micro_batch"]):
+        chunk = batch[k:k + sc["micro_batch"]]
+        logp, mask = logprobs(model, chunk, pad, bf16)
+        loss, _ = grpo.policy_loss(logp.float(), None, torch.ones(len(chunk), device=logp.device), mask, n_tok=n_tok)
+        loss.backward()
+        total += loss.item()
+    total = allsum(total, world)
+    if not math.isfinite(total):
+        raise FloatingPointError(f"SFT loss is {total}; stopped before the update")
+    allreduce_grads(model, world)
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), sc["grad_clip"])
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return dict(loss=total, grad_norm=float(gnorm), lr=sched.get_last_lr()[0])
 
 
-def allsum(x, world, op="sum"):
-    if world == 1:
-        return x
-    t = torch.tensor(float(x))
-    torch.distributed.all_reduce(t, torch.distributed.ReduceOp.MAX if op == "max" else torch.distributed.ReduceOp.SUM)
-    return t.item()
-
-
-def shard(model, cfg, world):
-    """FSDP2 for models whose weights, gradients and AdamW state do not fit on one device: every decoder
-    layer, then the root, is fully_shard-ed; bf16 compute, fp32 master weights and gradient reduction."""
-    if cfg["dist"] != "fsdp" or world == 1:
-        return model
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cfg["bf16"] else None, reduce_dtype=torch.float32)
-    for layer in model.model.layers:
-        fully_shard(layer, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
-    model.set_gradient_divide_factor(1.0)           # losses are normalised by global counts: sum, not mean
-    model.set_force_sum_reduction_for_comms(True)   # gloo has no PREMUL_SUM
-    return model
-
-
-def sharded(model):
-    from torch.distributed.fsdp import FSDPModule
-    return isinstance(model, FSDPModule)
-
-
-def full_state(model, opt=None, everywhere=False):
-    """Unsharded (model, optimizer) state dicts keyed by parameter name. Under FSDP this is a collective:
-    every rank calls it; with everywhere=False only rank 0 receives the tensors (on CPU)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
-    options = StateDictOptions(full_state_dict=True, cpu_offload=not everywhere)
-    if opt is None:
-        return get_model_state_dict(model, options=options), None
-    return get_state_dict(model, opt, options=options)
-
-
-def load_full_state(model, opt, model_state, opt_state):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-    set_state_dict(model, opt, model_state_dict=model_state, optim_state_dict=opt_state,
-                   options=StateDictOptions(full_state_dict=True))
-
-
-# ---- run directory, logging, checkpoints --------------------------------------------------------------
-
-class Run:
-    """The run directory: run.json (stage), config.yaml, metrics.jsonl, checkpoint.pt, model/, eval.json,
-    curves.png. Rank 0 writes. With resume=True it keeps what is there and drops the metrics lines logged
-    after the last checkpoint (the resumed run logs them again)."""
-
-    def __init__(self, out_dir, cfg, rank, stage, world=1, resume=False):
-        self.dir, self.rank, self.cfg, self.world = Path(out_dir), rank, cfg, world
-        self.ckpt, self.last_save, self.lines = None, time.time(), 0
-        if resume:
-            self.ckpt = self.load_checkpoint()
-            if rank == 0:
-                lines = (self.dir / "metrics.jsonl").read_text().splitlines(keepends=True)
-                self.lines = self.ckpt["metrics_lines"] if self.ckpt else 0
-                (self.dir / "metrics.jsonl").write_text("".join(lines[:self.lines]))
-        elif rank == 0:
-            try:
-                self.dir.mkdir(parents=True, exist_ok=True)
-                probe = self.dir / ".write_test"
-                probe.write_text("ok")
-                probe.unlink()
-            except OSError as e:
-                raise SystemExit(f"run directory {self.dir} is not writable: {e}")
-            (self.dir / "run.json").write_text(json.dumps({"stage": stage}))
-            (self.dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-            (self.dir / "metrics.jsonl").write_text("")
-            (self.dir / "checkpoint.pt").unlink(missing_ok=True)
-
-    def log(self, rec):
-        if self.rank == 0:
-            with open(self.dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            self.lines += 1
-
-    def save_checkpoint(self, model, opt, sched, phase, step):
-        """Everything needed to continue exactly: weights, AdamW moments, LR schedule, every rank's RNG
-        states and the cursor (phase, step). Written to a temporary file, then renamed over the old one."""
-        msd, osd = full_state(model, opt) if model is not None else (None, None)
-        rngs = gather([rng_state()], self.world)
-        if self.rank == 0:
-            ck = dict(phase=phase, step=step, metrics_lines=self.lines, model=msd, opt=osd, rng=rngs,
-                      sched=sched.state_dict() if sched is not None else None)
-            torch.save(ck, self.dir / ".checkpoint.pt.tmp")
-            os.replace(self.dir / ".checkpoint.pt.tmp", self.dir / "checkpoint.pt")
-        self.last_save = time.time()
-
-    def load_checkpoint(self):
-        path = self.dir / "checkpoint.pt"
-        if not path.exists():
-            return None
-        try:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:     # a torn file cannot happen (rename), but a copied/corrupt one can
-            raise SystemExit(f"cannot read checkpoint {path}: {e}")
-
-    def restore(self, model, opt, sched=None):
-        """Load the checkpoint's weights, optimizer, schedule and this rank's RNG states."""
-        ck = self.ckpt
-        load_full_state(model, opt, ck["model"], ck["opt"])
-        if sched is not None:
-            sched.load_state_dict(ck["sched"])
-        if len(ck["rng"]) == self.world:
-            set_rng_state(ck["rng"][self.rank])
-
-    def after_step(self, model, opt, sched, phase, step):
-        """Checkpoint when checkpoint_minutes have passed or a stop signal came (decided together, so all
-        ranks save and stop at the same step); on a signal, exit with a resume hint."""
-        due = time.time() - self.last_save >= 60 * self.cfg["checkpoint_minutes"]
-        stop = allsum(STOP["signal"], self.world, op="max")
-        if allsum(float(due), self.world, op="max") or stop:
-            self.save_checkpoint(model, opt, sched, phase, step)
-        if stop:
-            if self.rank == 0:
-                print(f"\nstopped after {phase} step {step}; checkpoint saved. Continue with:\n"
-                      f"  python train.py --resume {self.dir}", flush=True)
-            raise SystemExit(128 + int(stop))
-
-    def save_model(self, model, tokenizer, cfg, name="model"):
-        """save_pretrained into a temporary directory, then rename: a killed run never leaves half a model."""
-        state = full_state(model)[0] if sharded(model) else None     # a collective under FSDP
-        if self.rank != 0:
-            return
-        final, tmp, old = self.dir / name, self.dir / f".{name}.tmp", self.dir / f".{name}.old"
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, state_dict=state)
-        tokenizer.save_pretrained(tmp)
-        settings = {k: cfg[k] for k in ("env", "env_kwargs", "history_k", "system", "max_new_tokens")}
-        (tmp / "dynamind.json").write_text(json.dumps(settings, indent=1))
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-
-    def plot(self):
-        if self.rank != 0:
-            return
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        recs = [json.loads(x) for x in (self.dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-        panels = [("sft", "loss"), ("rl", "success"), ("rl", "ret"), ("rl", "response_tokens")]
-        panels = [(s, k) for s, k in panels if any(r.get("stage", "").startswith(s) and k in r for r in recs)]
-        if not panels:
-            return
-        fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3), squeeze=False)
-        for ax, (s, k) in zip(axes[0], panels):
-            for stage in sorted({r["stage"] for r in recs if r["stage"].startswith(s)}):
-                pts = [(r["step"], r[k]) for r in recs if r["stage"] == stage and k in r]
-                ax.plot(*zip(*pts), label=stage)
-            ax.set_xlabel("step"), ax.set_title(k), ax.legend()
-        fig.tight_layout()
-        fig.savefig(self.dir / "curves.png", dpi=80)
-
-
-def rng_state():
-    return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-
-
-def set_rng_state(st):
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
-    torch.set_rng_state(st["torch"])
-    if st["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
-STOP = {"signal": 0}
-
-
-def on_signal(signum, frame):
-    """First Ctrl-C (or SIGTERM from torchrun or a scheduler): finish the step, checkpoint, exit.
-    A second Ctrl-C stops at once."""
-    if STOP["signal"] and signum == signal.SIGINT:
-        raise KeyboardInterrupt
-    STOP["signal"] = signum
-    print(f"\nsignal {signum}: stopping after this step with a checkpoint (Ctrl-C again to abort now)",
-          file=sys.stderr, flush=True)
-
-
-# ---- evaluation on held-out splits ------------------------------------------------------------------
-
-def inference_copy(model, cfg, into=None):
-    """The weights generation runs on: a bfloat16 copy when bf16 is on (decoding on CPU is ~1.3x faster),
-    refreshed in place with `into` so RL rollouts always use the current policy. Under FSDP every rank
-    gathers a full copy, so decoding needs no collectives (ranks finish their episodes at different times)."""
-    dtype = torch.bfloat16 if cfg["bf16"] else torch.float32
-    if sharded(model):
-        if into is None:
-            from transformers import AutoModelForCausalLM
-            with torch.device(next(model.parameters()).device):
-                into = AutoModelForCausalLM.from_config(model.config, dtype=dtype).eval()
-        with torch.no_grad():       # one parameter gathered at a time: no full fp32 copy in memory
-            for name, p in model.named_parameters():
-                into.get_parameter(name).copy_(p.full_tensor())
-        return into
-    if not cfg["bf16"] or next(model.parameters()).dtype == torch.bfloat16:
-        return model
-    if into is None:
-        return copy.deepcopy(model).to(torch.bfloat16).eval()
-    into.load_state_dict(model.state_dict())
-    return into
-
-
-def evaluate_splits(model, tok, cfg, rank, world, run, tag):
-    """ID and OOD test splits, sharded over ranks; rank 0 prints and writes eval.json."""
-    mod, results = evaluate.env_module(cfg["env"]), {}
-    model = inference_copy(model, cfg)
-    for split in ("id", "ood"):
-        n = cfg["eval"][split]
-        if n <= 0:
-            continue
-        seeds = mod.split_seeds(split, n)[rank::world]
-        envs, eps = evaluate.play(model, tok, cfg["env"], split, seeds, env_kwargs=cfg["env_kwargs"],
-                                  history_k=cfg["history_k"], system=cfg["system"],
-                                  max_new_tokens=cfg["max_new_tokens"], temperature=cfg["eval"]["temperature"],
-                                  batch=cfg["eval"]["batch"], progress=rank == 0)
-        results[split] = evaluate.summarize(gather(evaluate.episode_rows(envs, eps), world))
-    if rank == 0 and results:
-        print(f"\n[{tag}] held-out evaluation ({cfg['env']})\n" + evaluate.format_table(results))
-        for split, m in results.items():
-            for key in ("success_by_task_type", "success_by_length"):
-                if key in m:
-                    print(f"  {split} {key}: " + ", ".join(f"{k} {v:.2f}" for k, v in m[key].items()))
-        (run.dir / "eval.json").write_text(json.dumps(results, indent=1))
-        run.log(dict(stage="eval", step=0, tag=tag, **{f"{s}_{k}": v for s, m in results.items()
-                                                      for k, v in m.items() if isinstance(v, float)}))
-    return results
-
-
-# ---- stage 1: ReSim ---------------------------------------------------------------------------------
-
-def final_model(run, cfg, device):
-    """A resumed run whose training had finished: the saved model and the prompt settings it was trained
-    with (an RL stage may have taken them from its init checkpoint), ready for evaluation."""
-    if run.rank == 0:
-        print(f"resuming: training had finished; evaluating {run.dir / 'model'}")
-    saved = evaluate.prompt_settings(str(run.dir / "model"))
-    cfg.update({k: saved[k] for k in ("history_k", "system") if k in saved})
-    return agent.load_model(str(run.dir / "model"), device=device)
-
-
-def resume_note(run, phase):
-    if run.ckpt and run.rank == 0:
-        print(f"resuming from {phase} step {run.ckpt['step']} ({run.dir / 'checkpoint.pt'})")
-
-
-def stage_resim(cfg, rank, world, device, run):
-    ck = run.ckpt
-    torch.manual_seed(cfg["seed"])
-    model, tok = agent.load_model(cfg["model"], device=device, **(cfg["tiny"] if cfg["model"] == "tiny" else {}))
-    model = shard(model, cfg, world)
-    rc = cfg["resim"]
-    traces = run.dir / "traces.jsonl"
-    key = json.dumps([cfg["env"], cfg["env_kwargs"], cfg["model"], cfg["history_k"], cfg["system"],
-                      {k: v for k, v in rc.items() if k not in ("action_only", "reuse_traces")}], sort_keys=True)
-    cached = traces.exists() and rc["reuse_traces"] and (run.dir / "traces.key").exists() \
-        and (run.dir / "traces.key").read_text() == key
-    if cached:
-        records = resim.read_jsonl(traces)
-        if rank == 0:
-            print(f"reusing {len(records)} ReSim steps from {traces}")
-    else:
-        aggregate = resim.template_aggregate
-        if rc["aggregator"] == "llm":
-            amodel, atok = agent.load_model(rc["aggregator_model"] or cfg["model"], device=device)
-            aggregate = resim.llm_aggregator(amodel, atok)
-        elif rc["aggregator"] != "template":
-            raise ValueError(f"resim.aggregator must be template or llm, got {rc['aggregator']!r}")
-        seeds = evaluate.env_module(cfg["env"]).split_seeds("train", rc["episodes"])[rank::world]
-        records, stats = resim.collect(cfg["env"], cfg["env_kwargs"], seeds, tokenizer=tok, aggregate=aggregate,
-                                       history_k=cfg["history_k"], system=cfg["system"],
-                                       seed=cfg["seed"], progress=rank == 0, **rc)
-        records = sorted(gather(records, world), key=lambda r: (r["seed"], r["step"]))
-        stats = {k: allsum(v, world) for k, v in stats.items()}
-        run.log(dict(stage="resim_collect", step=0, **stats))
-        if rank == 0:
-            print(f"ReSim: {stats['solved']:.0f}/{stats['episodes']:.0f} episodes solved, {stats['steps']:.0f} steps "
-                  f"kept (+{stats['refine_examples']:.0f} refinement examples), {stats['seconds']:.0f} s")
-            with open(run.dir / ".traces.tmp", "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in records)
-            os.replace(run.dir / ".traces.tmp", traces)      # the key last: a killed write is never reused
-            (run.dir / "traces.key").write_text(key)
-    pairs = resim.encode(tok, records, action_only=rc["action_only"])
-    if rank == 0:
-        n_tok = sum(len(p) + len(q) for p, q in pairs)
-        print(f"SFT on {len(pairs)} examples ({'action only' if rc['action_only'] else 'ReSim traces'}), "
-              f"{n_tok / max(1, len(pairs)):.0f} tokens each")
-    t0 = time.time()
-    resume_note(run, "sft")
-    steps = resim.sft(model, tok, pairs, bf16=cfg["bf16"], seed=cfg["seed"], rank=rank, world=world, log=run.log,
-                      progress=rank == 0, allreduce=lambda: allreduce_grads(model, world),
-                      allsum=lambda x: allsum(x, world), start_step=ck["step"] if ck else 0,
-                      restore=(lambda opt, sched: run.restore(model, opt, sched)) if ck else None,
-                      on_step=lambda step, opt, sched: run.after_step(model, opt, sched, "sft", step),
-                      **cfg["sft"])
-    run.log(dict(stage="sft_done", step=0, seconds=time.time() - t0))
-    run.save_model(model, tok, cfg)
-    run.save_checkpoint(None, None, None, "done", steps)
-    return model, tok
-
-
-# ---- stage 2: GRPO / RLOO / Dyna-GRPO ---------------------------------------------------------------
-
-def rollout_samples(episodes, advantages, turns_of=lambda ep: ep.turns):
-    """Every turn is a sample sharing its episode's advantage: (prompt_ids, response_ids, advantage)."""
-    return [(t.prompt_ids, t.response_ids, float(a)) for ep, a in zip(episodes, advantages)
-            for t in turns_of(ep)]
-
-
-def rl_update(model, ref, opt, tok, samples, rc, world, bf16=False):
-    """Old log-probs fixed before the update, then ppo_epochs passes of clipped-ratio micro-batches."""
+def rl_update(model, ref, opt, samples, pad, rc, bf16, world, budget):
+    """ppo_epochs optimiser steps of the clipped-ratio loss on the samples, in micro-batches.
+    - Old log-probs are the first pass's: the weights have not moved yet, so they are exact (also for tau',
+      whose a_ref was sampled under another prompt) and cost no extra forward. The reference's are taken once.
+    - The loss is normalised by the whole batch's tokens / sequences over all ranks, zero-advantage samples
+      included (veRL), so micro_batch and the rank count do not change the update. With beta = 0 a
+      zero-advantage sample has no gradient, so its forward and backward are skipped (not its tokens)."""
+    norm = dict(n_tok=max(1, allsum(sum(len(s.response_ids) for s in samples), world)),
+                n_seq=max(1, allsum(sum(len(s.response_ids) > 0 for s in samples), world)), budget=budget)
     if rc["beta"] == 0:
-        samples = [s for s in samples if s[2] != 0.0]   # zero advantage and no KL: no gradient
-    # global normalisers, computed once: a collective inside the loop would hang ranks with fewer chunks
-    n_tok, n_seq = allsum(sum(len(s[1]) for s in samples), world), allsum(len(samples), world)
-    if n_tok == 0:
-        return {}
-    pad, mb = tok.pad_token_id, rc["micro_batch"]
-    chunks = [samples[i:i + mb] for i in range(0, len(samples), mb)]
+        samples = [s for s in samples if s.advantage != 0.0]
+    chunks = micro_batches(samples, rc["micro_batch"])
     real = len(chunks)
-    if sharded(model):   # FSDP forwards/backwards are collectives: pad to the same micro-batch count
+    if sharded(model):   # FSDP forwards / backwards are collectives: pad to the same micro-batch count
         n = int(allsum(len(chunks), world, op="max"))
-        chunks += [chunks[0] if chunks else [([pad], [pad], 0.0)]] * (n - len(chunks))
-
-    def logps(net, chunk, grad):
-        dev = next(net.parameters()).device
-        with torch.set_grad_enabled(grad), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-            return grpo.response_logprobs(net, [s[0] for s in chunk], [s[1] for s in chunk], pad)
-
-    old = [logps(model, c, False)[0].detach() for c in chunks]
-    refs = [logps(ref, c, False)[0] for c in chunks] if ref is not None else [None] * len(chunks)
-    stats, model_dev = [], next(model.parameters()).device
-    for _ in range(rc["ppo_epochs"]):
-        for i, (c, o, r) in enumerate(zip(chunks, old, refs)):
-            logp, mask = logps(model, c, True)
-            if i >= real:                        # padding: same collectives, zero gradient
+        chunks += [chunks[0] if chunks else [grpo.Sample([pad], [pad], 0.0)]] * (n - len(chunks))
+    if not chunks:
+        return {}
+    refs = [None] * len(chunks)
+    if ref is not None:
+        with torch.no_grad():
+            refs = [logprobs(ref, c, pad, bf16, rc["temperature"])[0].float() for c in chunks]
+    old, stats, dev = [None] * len(chunks), [], next(model.parameters()).device
+    for epoch in range(rc["ppo_epochs"]):
+        for i, c in enumerate(chunks):
+            logp, mask = logprobs(model, c, pad, bf16, rc["temperature"])
+            if i >= real:                        # padding: the same collectives, zero gradient
                 (logp.float().sum() * 0.0).backward()
                 continue
-            adv = torch.tensor([s[2] for s in c], device=model_dev)
-            loss, st = grpo.policy_loss(logp.float(), o.float(), adv, mask, ref_logp=r, beta=rc["beta"],
-                                        clip_low=rc["clip_low"], clip_high=rc["clip_high"], agg=rc["agg"])
-            w = mask.sum().item() / n_tok if rc["agg"] == "token-mean" else len(c) / n_seq
-            (loss * w).backward()
+            if epoch == 0:
+                old[i] = logp.detach().float()
+            adv = torch.tensor([s.advantage for s in c], device=dev)
+            loss, st = grpo.policy_loss(logp.float(), old[i], adv, mask, ref_logp=refs[i], beta=rc["beta"],
+                                        clip_low=rc["clip_low"], clip_high=rc["clip_high"], agg=rc["agg"], **norm)
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"non-finite RL loss {loss.item()}")
+            loss.backward()
             stats.append(st)
         allreduce_grads(model, world)
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), rc["grad_clip"])
         opt.step()
         opt.zero_grad(set_to_none=True)
     out = {k: float(np.mean([s[k] for s in stats])) for k in (stats[0] if stats else {})}
-    out["grad_norm"] = float(gnorm)
-    return out
+    out["pg_loss"] = float(sum(s["pg_loss"] for s in stats)) / rc["ppo_epochs"]   # shares of the batch loss
+    return dict(out, grad_norm=float(gnorm), trained_samples=len(samples))
 
 
-def policy_phase(stage, policy, tok, mod, tasks, cfg, gen):
-    """(B) policy improvement: G plain rollouts per task; GRPO (or RLOO) advantages on outcome return."""
+# ---- stage 1: ReSim -----------------------------------------------------------------------------------------
+
+def search_parts(cfg, model, tok, device):
+    """The rollout policy, value function and aggregator of ReSim's trees. The llm choices use
+    resim.aggregator_model, or else the model being trained."""
+    rc = cfg["resim"]
+    helper = (model, tok)
+    if "llm" in (rc["rollout"], rc["value"], rc["aggregator"]) and rc["aggregator_model"]:
+        helper = agent.load_model(rc["aggregator_model"], device=device)
+    llm = dict(model=helper[0], tokenizer=helper[1])
+    act = search_tree.make_policy(rc["rollout"], eps=rc["eps"], history_k=cfg["history_k"], system=cfg["system"],
+                                  max_new_tokens=cfg["max_new_tokens"], **(llm if rc["rollout"] == "llm" else {}))
+    value = search_tree.make_value(rc["value"], gamma=rc["gamma"], act=act, **(llm if rc["value"] == "llm" else {}))
+    if rc["aggregator"] not in ("template", "llm"):
+        raise ValueError(f"resim.aggregator must be template or llm, got {rc['aggregator']!r}")
+    aggregate = resim.llm_aggregator(*helper) if rc["aggregator"] == "llm" else resim.template_aggregate
+    return act, value, aggregate
+
+
+def traces(cfg, model, tok, device, rank, world, run):
+    """ReSim records of this run: collected over ranks (sharded by episode), or reused from traces.jsonl when it
+    was made with the same settings (its key file is written last, so a killed write is never reused)."""
+    rc = cfg["resim"]
+    path, key_path = run.dir / "traces.jsonl", run.dir / "traces.key"
+    key = json.dumps([cfg["env"], cfg["env_kwargs"], cfg["model"], cfg["history_k"], cfg["system"], cfg["seed"],
+                      {k: v for k, v in rc.items() if k not in ("action_only", "reuse_traces")}], sort_keys=True)
+    if rc["reuse_traces"] and key_path.exists() and key_path.read_text() == key and path.exists():
+        records = resim.read_jsonl(path)
+        if rank == 0:
+            print(f"reusing {len(records)} ReSim steps from {path}")
+        return records
+    act, value, aggregate = search_parts(cfg, model, tok, device)
+    seeds = envs.split_seeds("train", rc["episodes"])[rank::world]
+    records, stats = resim.collect(cfg["env"], cfg["env_kwargs"], seeds, act=act, value=value, aggregate=aggregate,
+                                   tokenizer=tok, b=rc["b"], d=rc["d"], b_train=rc["b_train"],
+                                   plan_order=rc["plan_order"], refine_frac=rc["refine_frac"],
+                                   history_k=cfg["history_k"], system=cfg["system"], seed=cfg["seed"],
+                                   progress=rank == 0)
+    records = sorted(gather(records, world), key=lambda r: (r.seed, r.step))   # stable: a step's refine after it
+    stats = {k: allsum(v, world) for k, v in stats.items()}
+    run.log(dict(stage="resim_collect", step=0, **stats))
+    if rank == 0:
+        print(f"ReSim: {stats['solved']:.0f}/{stats['episodes']:.0f} episodes solved, {stats['steps']:.0f} steps "
+              f"kept (+{stats['refine_examples']:.0f} refinement examples), {stats['seconds']:.0f} s")
+        key_path.unlink(missing_ok=True)
+        resim.write_jsonl(path, records)
+        key_path.write_text(key)
+    return records
+
+
+def sft_plan(n, batch_size, epochs, lengths, seed):
+    """Every rank draws the same global batches (index lists): per epoch a shuffle, then length-sorted inside
+    windows of SORT_WINDOW batches (less padding), then the batches shuffled."""
+    rng, plan = np.random.default_rng(seed), []
+    for _ in range(epochs):
+        idx = rng.permutation(n).tolist()
+        win = batch_size * SORT_WINDOW
+        idx = [i for w in range(0, n, win) for i in sorted(idx[w:w + win], key=lambda i: lengths[i])]
+        bs = [idx[k:k + batch_size] for k in range(0, n - batch_size + 1, batch_size)]
+        random.Random(int(rng.integers(2**31))).shuffle(bs)
+        plan += bs
+    return plan
+
+
+def stage_resim(cfg, rank, world, device, run):
+    from transformers import get_cosine_schedule_with_warmup
+    torch.manual_seed(cfg["seed"])
+    model, tok = agent.load_model(cfg["model"], device=device, **(cfg["tiny"] if cfg["model"] == "tiny" else {}))
+    model = common.shard(model, cfg, world)
+    samples = resim.samples(tok, traces(cfg, model, tok, device, rank, world, run), cfg["resim"]["action_only"])
+    sc = cfg["sft"]
+    plan = sft_plan(len(samples), sc["batch_size"] * world, sc["epochs"],
+                    [len(s.prompt_ids) + len(s.response_ids) for s in samples], cfg["seed"])
+    if not plan:
+        raise ValueError(f"no SFT batch: {len(samples)} examples < batch_size {sc['batch_size']} x world {world}")
+    if rank == 0:
+        per = sum(len(s.prompt_ids) + len(s.response_ids) for s in samples) / len(samples)
+        kind = "action only" if cfg["resim"]["action_only"] else "ReSim traces"
+        print(f"SFT on {len(samples)} examples ({kind}), {per:.0f} tokens each, {len(plan)} steps")
+    opt = make_optimizer(model, sc["lr"], sc["weight_decay"])
+    sched = get_cosine_schedule_with_warmup(opt, math.ceil(sc["warmup"] * len(plan)), len(plan))
+    first = 0
+    if run.ckpt:
+        run.restore(model, opt, sched)
+        first = run.ckpt["step"]
+    model.train()
+    t0, ntok = time.time(), 0
+    for step in tqdm(range(first, len(plan)), desc="SFT", initial=first, total=len(plan), disable=rank != 0):
+        batch = [samples[i] for i in plan[step][rank::world]]
+        st = sft_step(model, opt, sched, batch, tok.pad_token_id, sc, cfg["bf16"], world)
+        ntok += sum(len(s.prompt_ids) + len(s.response_ids) for s in batch)
+        run.log(dict(stage="sft", step=step + 1, tokens_per_s=allsum(ntok, world) / (time.time() - t0), **st))
+        run.after_step(model, opt, sched, "sft", step + 1)
+    model.eval()
+    run.log(dict(stage="sft_done", step=0, seconds=time.time() - t0))
+    run.save_model(model, tok, cfg)
+    run.save_checkpoint(None, None, None, "done", len(plan))
+    return model, tok
+
+
+# ---- stage 2: GRPO / RLOO / Dyna-GRPO -----------------------------------------------------------------------
+
+def sampling_seed(seed, step, rank, role):
+    """Independent noise per (run seed, RL step, rank, role): no two rollout batches share it, and a resumed
+    step draws exactly what it drew the first time."""
+    return int(np.random.SeedSequence([seed, step, rank, ROLES.index(role)]).generate_state(1)[0])
+
+
+def policy_phase(stage, policy, tok, tasks, cfg, seed_of, returns):
+    """(B) policy improvement: G plain rollouts per task; GRPO (or RLOO) advantages on the return."""
     rc = cfg["rl"]
     seeds = [s for s in tasks for _ in range(rc["group"])]
-    envs = [mod.make_env("train", **cfg["env_kwargs"]) for _ in seeds]
-    eps = agent.run_episodes(policy, tok, envs, seeds, gen_kwargs=gen, history_k=cfg["history_k"],
-                             system=cfg["system"], format_penalty=rc["format_penalty"])
+    eps = agent.run_episodes(policy, tok, [envs.make_env(cfg["env"], "train", **cfg["env_kwargs"]) for _ in seeds],
+                             seeds, gen_kwargs=gen_kwargs(cfg), seed=seed_of("plain"), history_k=cfg["history_k"],
+                             system=cfg["system"])
     adv_fn = grpo.rloo_advantages if stage == "rloo" else grpo.group_advantages
-    adv = adv_fn(torch.tensor([ep.ret for ep in eps]), [ep.seed for ep in eps])
-    return eps, [rollout_samples(eps, adv)], {}
+    adv = adv_fn(torch.tensor([returns(ep) for ep in eps]), [ep.seed for ep in eps])
+    return eps, [[grpo.Sample(t.prompt_ids, t.response_ids, float(a)) for ep, a in zip(eps, adv) for t in ep.turns]], {}
 
 
-def simulation_phase(policy, tok, mod, tasks, cfg, gen):
-    """(A) simulation improvement: per task G/2 SimRollouts (tau', tau'_refine) and G/2 plain rollouts (tau).
-    tau U tau' is one GRPO group; tau'_refine is trained with the binary A_refine."""
-    rc = cfg["rl"]
+def simulation_phase(policy, tok, tasks, cfg, seed_of, returns):
+    """(A) simulation improvement: per task G/2 SimRollouts and G/2 plain rollouts; two updates, as
+    Algorithm 1 lists them: tau U tau' with the group advantage, then tau'_refine with A_refine."""
+    rc, make = cfg["rl"], lambda: envs.make_env(cfg["env"], "train", **cfg["env_kwargs"])
     seeds = [s for s in tasks for _ in range(rc["group"] // 2)]
-    envs = [mod.make_env("train", **cfg["env_kwargs"]) for _ in seeds]
-    sim = simrollout.simrollout(policy, tok, envs, seeds, gen_kwargs=gen, d=rc["sim_depth"],
-                                history_k=cfg["history_k"], system=cfg["system"],
-                                format_penalty=rc["format_penalty"])
-    envs = [mod.make_env("train", **cfg["env_kwargs"]) for _ in seeds]
-    plain = agent.run_episodes(policy, tok, envs, seeds, gen_kwargs=gen, history_k=cfg["history_k"],
-                               system=cfg["system"], format_penalty=rc["format_penalty"])
-    group = plain + sim
-    adv = grpo.group_advantages(torch.tensor([ep.ret for ep in group]), [ep.seed for ep in group])
-    mean = lambda eps, s: float(np.mean([e.ret for e in eps if e.seed == s]))   # noqa: E731
-    a_ref = [grpo.a_refine(ep.ret, ep.success, mean(plain, ep.seed), mean(sim, ep.seed)) for ep in sim]
-    samples = [rollout_samples(group, adv), rollout_samples(sim, a_ref, turns_of=lambda ep: ep.refine_turns)]
-    return group, samples, dict(a_refine_mean=float(np.mean(a_ref)),
-                                simrollout_success=float(np.mean([ep.success for ep in sim])))
+    kw = dict(gen_kwargs=gen_kwargs(cfg), history_k=cfg["history_k"], system=cfg["system"])
+    sim = simrollout.simrollout(policy, tok, [make() for _ in seeds], seeds, seed=seed_of("sim"), d=rc["sim_depth"], **kw)
+    plain = agent.run_episodes(policy, tok, [make() for _ in seeds], seeds, seed=seed_of("plain"), **kw)
+    group, refine, extra = simrollout.simulation_samples(plain, sim, returns)
+    return plain + sim, [group, refine], extra
+
+
+def gen_kwargs(cfg):
+    return dict(max_new_tokens=cfg["max_new_tokens"], temperature=cfg["rl"]["temperature"])
+
+
+def load_init(cfg, device):
+    """The RL stages' starting model, with the prompt settings it was trained with."""
+    init = cfg["init_from"] or f"runs/resim_{cfg['env']}/model"
+    if not os.path.isdir(init):
+        raise SystemExit(f"no checkpoint at {init!r}; run `train.py --stage resim` first or set init_from")
+    for k, v in common.prompt_settings(init).items():
+        if k in ("history_k", "system") and v != cfg[k]:
+            print(f"note: using the checkpoint's {k}={v} (config had {cfg[k]})")
+            cfg[k] = v
+    return agent.load_model(init, device=device)
 
 
 def stage_rl(stage, cfg, rank, world, device, run):
-    """GRPO / RLOO / Dyna-GRPO from a checkpoint. Algorithm 1's schedule: n_T simulation-improvement
-    steps, then n_pi policy-improvement steps, repeated (grpo and rloo: policy improvement only)."""
     rc = cfg["rl"]
-    init = cfg["init_from"] or f"runs/resim_{cfg['env']}/model"
-    if not os.path.isdir(init):
-        raise SystemExit(f"{stage}: no checkpoint at {init!r}; run `train.py --stage resim` first or set init_from")
-    model, tok = agent.load_model(init, device=device)
-    saved = evaluate.prompt_settings(init)
-    for k in ("history_k", "system"):
-        if k in saved and saved[k] != cfg[k]:
-            print(f"note: using the checkpoint's {k}={saved[k]} (config had {cfg[k]})")
-            cfg[k] = saved[k]
+    if rc["fail_return"] not in ("paper", "cap"):
+        raise ValueError(f"rl.fail_return must be paper or cap, got {rc['fail_return']!r}")
+    model, tok = load_init(cfg, device)
     ref = copy.deepcopy(model).eval().requires_grad_(False) if rc["beta"] > 0 else None   # the initial policy
-    model = shard(model, cfg, world)
-    ref = shard(ref, cfg, world) if ref is not None else None
-    opt = torch.optim.AdamW(model.parameters(), lr=rc["lr"], betas=(0.9, 0.95), weight_decay=0.0)
+    model = common.shard(model, cfg, world)
+    ref = common.shard(ref, cfg, world) if ref is not None else None
+    opt = make_optimizer(model, rc["lr"])
     first = 0
     if run.ckpt:
-        resume_note(run, "rl")
         run.restore(model, opt)
         first = run.ckpt["step"]
-    mod, policy = evaluate.env_module(cfg["env"]), inference_copy(model, cfg)
+
+    def returns(ep):   # the return the RL stage trains on (rl.format_penalty, rl.fail_return)
+        return agent.episode_return(ep.steps, ep.success, invalid=ep.invalid, format_penalty=rc["format_penalty"],
+                                    cap=ep.max_steps if rc["fail_return"] == "cap" else None)
+    policy = common.inference_copy(model, cfg["bf16"])
     phases = (["sim"] * rc["n_T"] + ["pi"] * rc["n_pi"]) if stage == "dyna_grpo" else ["pi"]
     for step in tqdm(range(first, rc["steps"]), desc=stage, initial=first, total=rc["steps"], disable=rank != 0):
         phase, t0 = phases[step % len(phases)], time.time()
-        start = rc["task_start"] + step * rc["tasks"] * world          # fresh train tasks every step
-        tasks = mod.split_seeds("train", rc["tasks"] * world, start=start)[rank::world]
-        gen = dict(max_new_tokens=cfg["max_new_tokens"], temperature=rc["temperature"],
-                   seed=cfg["seed"] * 100003 + step * 1009 + rank)
-        policy = inference_copy(model, cfg, into=policy)
+        start = rc["task_offset"] + step * rc["tasks"] * world          # fresh train tasks every step
+        tasks = envs.split_seeds("train", rc["tasks"] * world, start=start)[rank::world]
+        seed_of = lambda role: sampling_seed(cfg["seed"], step, rank, role)   # noqa: E731
+        policy = common.inference_copy(model, cfg["bf16"], into=policy)
         if phase == "sim":
-            eps, batches, extra = simulation_phase(policy, tok, mod, tasks, cfg, gen)
+            eps, batches, extra = simulation_phase(policy, tok, tasks, cfg, seed_of, returns)
         else:
-            eps, batches, extra = policy_phase(stage, policy, tok, mod, tasks, cfg, gen)
-        t_roll = time.time() - t0
-        upd = {}
-        for i, samples in enumerate(batches):      # sim phase: two updates, as Algorithm 1 lists them
-            st = rl_update(model, ref, opt, tok, samples, rc, world, cfg["bf16"])
+            eps, batches, extra = policy_phase(stage, policy, tok, tasks, cfg, seed_of, returns)
+        t1, upd = time.time(), {}
+        model.train()
+        for i, samples in enumerate(batches):
+            st = rl_update(model, ref, opt, samples, tok.pad_token_id, rc, cfg["bf16"], world, cfg["max_new_tokens"])
             upd.update({(f"refine_{k}" if i else k): v for k, v in st.items()})
-        rows = gather([(ep.seed, ep.ret, ep.success, float(np.mean([len(t.response_ids) for t in ep.turns])))
+        model.eval()
+        rows = gather([(ep.seed, returns(ep), ep.success, float(np.mean([len(t.response_ids) for t in ep.turns])))
                        for ep in eps], world)
         by_task = {}
         for seed, ret, _, _ in rows:
             by_task.setdefault(seed, []).append(ret)
-        rec = dict(stage=f"rl_{stage}", step=step + 1, phase=phase,
-                   success=float(np.mean([r[2] for r in rows])), ret=float(np.mean([r[1] for r in rows])),
-                   response_tokens=float(np.mean([r[3] for r in rows])),
+        rec = dict(stage=f"rl_{stage}", step=step + 1, phase=phase, success=float(np.mean([r[2] for r in rows])),
+                   ret=float(np.mean([r[1] for r in rows])), response_tokens=float(np.mean([r[3] for r in rows])),
                    zero_var_groups=float(np.mean([np.ptp(v) == 0 for v in by_task.values()])),
-                   rollout_s=t_roll, step_s=time.time() - t0, **extra, **upd)
+                   rollout_s=t1 - t0, update_s=time.time() - t1, step_s=time.time() - t0, **extra, **upd)
         run.log(rec)
         if rank == 0:
             tqdm.write(f"{stage} step {step + 1} ({phase}): success {rec['success']:.2f} return {rec['ret']:.2f} "
-                       f"tokens {rec['response_tokens']:.0f} ({rec['step_s']:.0f} s)")
+                       f"tokens {rec['response_tokens']:.0f} (rollout {rec['rollout_s']:.0f} s, "
+                       f"update {rec['update_s']:.0f} s)")
         run.after_step(model, opt, None, "rl", step + 1)
     run.save_model(model, tok, cfg)
     run.save_checkpoint(None, None, None, "done", rc["steps"])
     return model, tok
+
+
+# ---- evaluation on the held-out splits ----------------------------------------------------------------------
+
+def evaluate_splits(model, tok, cfg, rank, world, run, tag):
+    """ID and OOD test splits, sharded over ranks; rank 0 prints and writes eval.json."""
+    results, policy = {}, common.inference_copy(model, cfg["bf16"])
+    for split in ("id", "ood"):
+        n = cfg["eval"][split]
+        if n <= 0:
+            continue
+        seeds = envs.split_seeds(split, n)[rank::world]
+        made, eps = evaluate.play(policy, tok, cfg["env"], split, seeds, env_kwargs=cfg["env_kwargs"],
+                                  history_k=cfg["history_k"], system=cfg["system"],
+                                  max_new_tokens=cfg["max_new_tokens"], temperature=cfg["eval"]["temperature"],
+                                  batch=cfg["eval"]["batch"], progress=rank == 0)
+        results[split] = evaluate.summarize(gather(evaluate.episode_rows(made, eps), world))
+    if rank == 0 and results:
+        print(f"\n[{tag}] held-out evaluation ({cfg['env']})\n" + evaluate.format_table(results))
+        (run.dir / "eval.json").write_text(json.dumps(results, indent=1))
+        run.log(dict(stage="eval", step=0, tag=tag, **{f"{s}_{k}": v for s, m in results.items()
+                                                      for k, v in m.items() if isinstance(v, float)}))
+    return results
 
 
 def main(argv=None):
@@ -625,23 +446,25 @@ def main(argv=None):
     try:
         if args.resume:
             stage = json.loads((Path(args.resume) / "run.json").read_text())["stage"]
-            cfg = load_config(str(Path(args.resume) / "config.yaml"))
+            cfg = common.load_config(DEFAULTS, str(Path(args.resume) / "config.yaml"))
             cfg["out_dir"] = args.resume
         else:
-            stage, cfg = args.stage, load_config(args.config, args.overrides)
+            stage, cfg = args.stage, common.load_config(DEFAULTS, args.config, args.overrides)
         if cfg["dist"] not in ("ddp", "fsdp"):
             raise ValueError(f"dist must be ddp or fsdp, got {cfg['dist']!r}")
+        envs.check_env_config(cfg["env"], cfg["env_kwargs"])      # an unknown env fails here, before any work
     except (ValueError, KeyError, OSError, yaml.YAMLError) as e:
         raise SystemExit(f"{'resume' if args.resume else 'config'} error: {e}")
-    evaluate.env_module(cfg["env"])      # an unknown env fails here, before any work
-    rank, world, device = setup_dist(cfg)
+    rank, world, device = common.setup_dist(cfg["device"])
     torch.manual_seed(cfg["seed"] + rank)
-    run = Run(cfg["out_dir"] or f"runs/{stage}_{cfg['env']}", cfg, rank, stage, world, resume=bool(args.resume))
-    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    run = common.Run(cfg["out_dir"] or f"runs/{stage}_{cfg['env']}", cfg, rank, stage, world, bool(args.resume))
+    handlers = {s: signal.signal(s, common.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         t0 = time.time()
-        if run.ckpt and run.ckpt["phase"] == "done":
-            model, tok = final_model(run, cfg, device)
+        if run.ckpt and run.ckpt["phase"] == "done":     # training had finished: evaluate the saved model
+            cfg.update({k: v for k, v in common.prompt_settings(str(run.dir / "model")).items()
+                        if k in ("history_k", "system")})
+            model, tok = agent.load_model(str(run.dir / "model"), device=device)
         elif stage == "resim":
             model, tok = stage_resim(cfg, rank, world, device, run)
         else:
@@ -656,7 +479,7 @@ def main(argv=None):
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
-        STOP["signal"] = 0
+        common.STOP["signal"] = 0
     if world > 1:     # free FSDP's gloo work handles while the interpreter is alive (else a rare SIGABRT at exit)
         del model
         gc.collect()

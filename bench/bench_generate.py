@@ -1,125 +1,152 @@
-"""Tokens/s of agent.generate (rows dropped when done) vs HF model.generate (stop_strings=) on a batch like a
-multi-turn rollout turn: 32 prompts of 100-400 tokens whose responses end at different lengths.
+"""Decoding speed, in one run:
+  lean     engine.generate: the lean decode step over a preallocated cache
+  HF fwd   the same loop over Hugging Face's forward with a DynamicCache (the fallback)
+  before   agent.generate of revision --before (the project's generation loop before engine.py)
+  HF gen   Hugging Face's model.generate with the same stop string
+  raw step one Hugging Face decode step at the run's mean cache length (batch / seconds)
+  floor    the matrix products of one decode step alone, attention over the cache included (batch / seconds)
 
-  tiny:    seeded sampling (temperature 1) from the random-init model; stop on "\\n" or "." (about 1 in 130
-           sampled bytes), so responses end anywhere in 1..256 tokens
-  smollm2: greedy; varied questions; stop on "\\n\\n" / "</action>" or EOS
-Both in bf16, the same prompts and budget. Generated tokens are counted the same way for both: up to and
-including the token that completes a stop string or the EOS.
+    python bench/bench_generate.py                       # the main job's model (train.DEFAULTS' tiny shape)
+    python bench/bench_generate.py --models smollm2 --batches 32 --prompt 900 --new 64
 
-  cd /work/main && /work/venv/bin/python bench/bench_generate.py --models tiny smollm2
+Prompts are real Sokoban prompts (about 80 tokens for the tiny model; --prompt N pads them to N tokens with
+more observations). The models are untrained, so no row meets the stop string "</action>": every row makes
+--new tokens, and every implementation pays for checking the stop string as it would in a rollout. Weights in
+bfloat16, as generation runs in training and evaluation. Tokens/s = generated tokens / seconds, best of --repeats.
 """
 import argparse
-import random
+import importlib.util
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 import agent  # noqa: E402
-
-QUESTIONS = ["Name one color.", "What is 2+2? Answer with the number only.", "Write a haiku about the sea.",
-             "Explain in two sentences why the sky is blue.", "List three fruits, one per line.",
-             "Describe how to make tea, step by step.", "Say yes or no: is fire cold?",
-             "Write a short story about a robot who learns to paint."]
+import engine  # noqa: E402
+import envs  # noqa: E402
+import train  # noqa: E402
 
 
-def make_prompts(tok, n, lo, hi, seed, chat):
-    """n prompts with lengths uniform in [lo, hi] tokens: filler context (Sokoban-like grids) + a question."""
-    rng = random.Random(seed)
+def prompts(tok, n, length, system):
+    env = envs.make_env("sokoban", "train")
     out = []
-    for i in range(n):
-        target = rng.randint(lo, hi - 30 if chat else hi)   # chat prompts overshoot by up to one grid
-        grid = "\n".join("".join(rng.choice("#_OXP") for _ in range(6)) for _ in range(6))
-        ctx = ""
-        while True:
-            q = QUESTIONS[i % len(QUESTIONS)]
-            msgs = [{"role": "user", "content": f"Observation:\n{ctx}\n\n{q}"}]
-            text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) if chat else ctx + q
-            ids = tok(text, add_special_tokens=False)["input_ids"]
-            if len(ids) >= target:
-                out.append(ids[-target:] if not chat else ids)
-                break
-            ctx += grid + "\n"
+    for seed in envs.split_seeds("train", n):
+        obs = env.reset(seed)
+        hist = []
+        ids = agent.encode(tok, agent.build_prompt(tok, env, hist, obs, system=system))
+        while len(ids) < length:                       # longer prompts: more observations in the history
+            hist.append(("Up", obs))
+            ids = agent.encode(tok, agent.build_prompt(tok, env, hist, obs, history_k=-1, system=system))
+        out.append(ids)
     return out
 
 
-def count(tok, resp, stop, eos):
-    """Generated tokens of one row: through the first EOS or the first token that completes a stop string."""
-    for k, t in enumerate(resp):
-        if t in eos or (stop and any(s in tok.decode(resp[max(0, k - 40):k + 1]) for s in stop)):
-            return k + 1
-    return len(resp)
+def timed(fn, repeats):
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
 
 
-def run_ours(model, tok, prompts, kw, stop, eos):
-    t0 = time.perf_counter()
-    gens = agent.generate(model, tok, prompts, stop=stop, **kw)
-    dt = time.perf_counter() - t0
-    n = sum(len(g.token_ids) + (g.finish_reason == "eos") for g in gens)
-    return n, dt, [g.token_ids for g in gens]
+def raw_step(model, ids, new):
+    """Seconds of one Hugging Face decode step with a DynamicCache at the mean cache length of the run."""
+    B, T = len(ids), max(map(len, ids)) + new // 2
+    x = torch.randint(0, 200, (B, T))
+    with torch.inference_mode():
+        cache = DynamicCache(config=model.config)
+        model(input_ids=x, cache=cache, use_cache=True, logits_to_keep=1)
+        tok, pos = torch.zeros(B, 1, dtype=torch.long), torch.full((B, 1), T)
+        mask = torch.ones(B, T + 1, dtype=torch.long)
+
+        def step():
+            model(input_ids=tok, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
+            cache.crop(-1)                            # back to the same cache length every time
+        step()
+        return timed(step, 10)
 
 
-def run_hf(model, tok, prompts, kw, stop, eos):
-    T = max(map(len, prompts))
-    pad = tok.pad_token_id
-    x = torch.tensor([[pad] * (T - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
-    sample = kw["temperature"] > 0
-    extra = dict(do_sample=True, temperature=kw["temperature"], top_p=1.0, top_k=0) if sample else \
-        dict(do_sample=False)
-    if sample:
-        torch.manual_seed(kw["seed"])
-    t0 = time.perf_counter()
-    out = model.generate(x, attention_mask=mask, max_new_tokens=kw["max_new_tokens"], stop_strings=list(stop),
-                         tokenizer=tok, pad_token_id=pad, eos_token_id=sorted(eos), **extra)
-    dt = time.perf_counter() - t0
-    rows = out[:, T:].tolist()
-    ks = [count(tok, r, stop, eos) for r in rows]
-    return sum(ks), dt, [r[:k - (k > 0 and r[k - 1] in eos)] for r, k in zip(rows, ks)]   # EOS dropped, as ours
+def matmul_floor(model, B, T):
+    """Seconds of a decode step's matrix products alone: every projection and the vocabulary head, plus the two
+    attention products over a float32 cache of length T (what the lean step does), nothing else."""
+    cfg, w = model.config, model.lm_head.weight
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(B, cfg.hidden_size, dtype=w.dtype)
+    mid = torch.randn(B, cfg.intermediate_size, dtype=w.dtype)
+    q = torch.randn(B, cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads, attn.head_dim)
+    kv = torch.randn(B, cfg.num_key_value_heads, T, attn.head_dim)
+
+    def step():
+        for layer in model.model.layers:
+            a, m = layer.self_attn, layer.mlp
+            for lin in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj):
+                F.linear(x, lin.weight)
+            F.linear(x, a.o_proj.weight), F.linear(mid, m.down_proj.weight)
+            torch.matmul(torch.matmul(q, kv.transpose(-1, -2)), kv)
+        F.linear(x, w)
+    with torch.inference_mode():
+        step()
+        return timed(step, 10)
+
+
+def before_generate(rev):
+    """agent.generate as it was at revision `rev` (its agent.py imports nothing of this project)."""
+    src = subprocess.run(["git", "show", f"{rev}:agent.py"], cwd=ROOT, capture_output=True, text=True, check=True)
+    path = Path(tempfile.mkdtemp()) / "agent_before.py"
+    path.write_text(src.stdout)
+    spec = importlib.util.spec_from_file_location("agent_before", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.generate
 
 
 def bench(name, args):
-    model, tok = agent.load_model(name, dtype=torch.bfloat16)
-    chat = name != "tiny"
-    prompts = make_prompts(tok, args.batch, 100, 400, 0, chat)
-    if name == "tiny":
-        kw, stop = dict(max_new_tokens=args.max_new_tokens, temperature=1.0, seed=0), ("\n", ".")
-    else:
-        kw, stop = dict(max_new_tokens=args.max_new_tokens, temperature=0.0, seed=0), ("\n\n", "</action>")
-    eos = agent._eos_ids(model, tok)
-    run_ours(model, tok, prompts[:2], dict(kw, max_new_tokens=4), stop, eos)   # warm-up
-    run_hf(model, tok, prompts[:2], dict(kw, max_new_tokens=4), stop, eos)
-    rows = []
-    for rep in range(args.repeats):
-        for label, fn in (("ours", run_ours), ("hf", run_hf)):
-            n, dt, resp = fn(model, tok, prompts, kw, stop, eos)
-            rows.append((label, n, dt, resp))
-    best = {lab: max((r for r in rows if r[0] == lab), key=lambda r: r[1] / r[2]) for lab in ("ours", "hf")}
-    lens = sorted(len(r) for r in best["ours"][3])
-    same = sum(a == b for a, b in zip(best["ours"][3], best["hf"][3]))
-    print(f"\n{name}: {len(prompts)} prompts, {min(map(len, prompts))}-{max(map(len, prompts))} prompt tokens, "
-          f"{'greedy' if kw['temperature'] == 0 else 'sampling T=1'}, max_new_tokens {kw['max_new_tokens']}, "
-          f"stop {stop}; ours response lengths min/median/max {lens[0]}/{lens[len(lens) // 2]}/{lens[-1]}; "
-          f"rows identical to HF: {same}/{len(prompts)}")
-    print(f"{'impl':<6}{'gen tokens':>11}{'seconds':>9}{'tokens/s':>10}")
-    for lab in ("ours", "hf"):
-        _, n, dt, _ = best[lab]
-        print(f"{lab:<6}{n:>11}{dt:>9.2f}{n / dt:>10.1f}")
-    speedup = (best["ours"][1] / best["ours"][2]) / (best["hf"][1] / best["hf"][2])
-    print(f"speedup ours/hf: {speedup:.2f}x")
-    return speedup
+    kw = train.DEFAULTS["tiny"] if name == "tiny" else {}
+    model, tok = agent.load_model(name, dtype=torch.bfloat16, **kw)
+    n_params = sum(p.numel() for p in model.parameters()) / 1e6
+    print(f"\n{name} ({n_params:.1f}M parameters, bf16, {torch.get_num_threads()} threads), {args.new} new tokens/row")
+    print(f"{'batch':>6}{'prompt':>8} | {'lean':>7}{'HF fwd':>8}{'before':>8}{'HF gen':>8}{'raw step':>10}"
+          f"{'floor':>8}  tokens/s | lean / before")
+    before = before_generate(args.before)
+    stop = ("</action>",)
+    for B in args.batches:
+        ids = prompts(tok, B, args.prompt, system=name != "tiny")
+        gen = dict(max_new_tokens=args.new, temperature=1.0, stop=stop, batch_size=B, seed=0)
+        rate = {}
+        for label, fn, types in (("lean", engine.generate, ("llama", "qwen2")), ("hf", engine.generate, ()),
+                                 ("before", before, ())):
+            engine.LEAN_TYPES = types
+            fn(model, tok, ids[:2], **dict(gen, max_new_tokens=4))                    # warm-up
+            n = sum(len(g.token_ids) for g in fn(model, tok, ids, **gen))
+            rate[label] = n / timed(lambda: fn(model, tok, ids, **gen), args.repeats)
+        T = max(map(len, ids))
+        x = torch.tensor([[tok.pad_token_id] * (T - len(p)) + p for p in ids])
+        mask = (x != tok.pad_token_id).long()
+        torch.manual_seed(0)
+        hf = timed(lambda: model.generate(x, attention_mask=mask, max_new_tokens=args.new, do_sample=True, top_k=0,
+                                          stop_strings=list(stop), tokenizer=tok, pad_token_id=tok.pad_token_id), 1)
+        raw, floor = raw_step(model, ids, args.new), matmul_floor(model, B, T + args.new // 2)
+        print(f"{B:>6}{T:>8} | {rate['lean']:>7.0f}{rate['hf']:>8.0f}{rate['before']:>8.0f}{B * args.new / hf:>8.0f}"
+              f"{B / raw:>10.0f}{B / floor:>8.0f}          | {rate['lean'] / rate['before']:.2f}x")
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--models", nargs="+", default=["tiny", "smollm2"])
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--max-new-tokens", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=1)   # 1: the 2 shared cores stall with more
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["tiny"], help="tiny (the main job's shape) and/or smollm2")
+    ap.add_argument("--batches", nargs="+", type=int, default=[32, 128])
+    ap.add_argument("--prompt", type=int, default=0, help="pad prompts to at least this many tokens")
+    ap.add_argument("--new", type=int, default=190, help="new tokens per row (a d=1 Sokoban trace is about 190)")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--before", default="109ae41", help="the git revision whose agent.generate is 'before'")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     for name in args.models:

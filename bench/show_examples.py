@@ -11,6 +11,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import agent  # noqa: E402
+import engine  # noqa: E402
+import envs  # noqa: E402
 import resim  # noqa: E402
 import search_tree  # noqa: E402
 import simrollout  # noqa: E402
@@ -24,7 +26,7 @@ def main():
     ap.add_argument("--model", default=None, help="a trained model directory for the refinement example")
     args = ap.parse_args()
     env = sokoban.make_env("train")
-    seed = sokoban.split_seeds("train", args.seed_index + 1)[-1]
+    seed = envs.split_seeds("train", args.seed_index + 1)[-1]
     print(f"== ReSim search tree from train seed {seed} (b=4, d={args.d}, expert rollouts eps=0.3, expert value)")
     print(env.reset(seed))
     tree = search_tree.best_first(search_tree.expand(
@@ -32,18 +34,18 @@ def main():
         rng=np.random.default_rng(0)))
     for k, r in enumerate(tree, 1):
         print(f"rollout {k}: {r.actions} value {r.value:.2f}")
-    plans = [agent.Plan(r.actions, r.observations, round(r.value, 2)) for r in tree[:2]]
-    print("\n== the ReSim trace (template aggregator, b_train=2)")
-    print(resim.template_aggregate(plans))
+    plans, best = resim.order_plans(tree[0], tree[1:2], "shuffled", np.random.default_rng(args.seed_index))
+    print("\n== the ReSim trace (template aggregator, b_train=2, plans shuffled)")
+    print(resim.template_aggregate(plans, best))
     if args.model:
         model, tok = agent.load_model(args.model)
         settings = dict(history_k=0, system=False)
         obs = env.reset(seed)
-        g = agent.generate(model, tok, [agent.build_prompt(tok, env, [], obs, **settings)], max_new_tokens=400,
-                           temperature=0.0)[0]
+        g = engine.generate(model, tok, [agent.build_prompt(tok, env, [], obs, **settings)], max_new_tokens=400,
+                            temperature=0.0)[0]
         fut = simrollout.real_futures(env, simrollout.extract_plan(g.text, 5))
         print("\n== SimRollout refinement prompt s_ref (the model's own response, then the real futures)")
-        print(simrollout.refinement_messages(tok, env, [], obs, g.text, fut, **settings))
+        print(simrollout.refinement_prompt(tok, env, [], obs, g.text, fut, **settings))
 
 
 if __name__ == "__main__":

@@ -8,8 +8,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
+pytestmark = pytest.mark.slow   # torchrun and spawned processes: 20-40 s each
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["tiny.hidden_size=32", "tiny.num_hidden_layers=1", "tiny.num_attention_heads=2",
         "tiny.num_key_value_heads=2", "tiny.intermediate_size=64", "max_new_tokens=24", "bf16=false",
@@ -69,7 +71,7 @@ def test_fsdp_rl_with_uneven_shards_stops_on_ctrl_c_and_resumes(tmp_path):
     proc.send_signal(signal.SIGINT)
     log = proc.communicate(timeout=120)[0]
     assert "checkpoint saved" in log, log[-3000:]
-    step = torch.load(ck, weights_only=False)["step"]
+    step = torch.load(ck, weights_only=True)["step"]
     assert 1 <= step < 6
     resumed = run(2, tmp_path / "stopped", "--resume", str(tmp_path / "stopped"), out_arg=False)
     assert f"resuming from rl step {step}" in resumed[1]
@@ -85,3 +87,40 @@ def test_uneven_shards_finish(tmp_path):
     assert any(r["stage"] == "eval" for r in metrics)
     run(2, tmp_path / "grpo", "--stage", "grpo", f"init_from={tmp_path / 'resim' / 'model'}",
         "rl.steps=1", "rl.tasks=1", "rl.group=3", "eval.id=1", "eval.ood=0")
+
+
+def _rank_grads(rank, world, store, samples, agg, out):
+    """One rank of an RL update on its share of the samples; rank 0 saves the summed gradient."""
+    import agent
+    import train
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    model, _ = agent.load_model("tiny", dtype=torch.float32, hidden_size=32, num_hidden_layers=1,
+                                num_attention_heads=2, num_key_value_heads=2, intermediate_size=64)
+    grads = {}
+
+    class Recorder(torch.optim.SGD):
+        def step(self, closure=None):
+            grads.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    rc = dict(train.DEFAULTS["rl"], micro_batch=2, agg=agg)
+    train.rl_update(model, None, Recorder(model.parameters(), lr=0.0), samples[rank::world], 0, rc, False, world, 40)
+    if rank == 0:
+        torch.save(grads, out)
+    torch.distributed.destroy_process_group()
+
+
+def test_rl_update_is_the_same_over_one_or_two_ranks(tmp_path):
+    import torch.multiprocessing as mp
+    import grpo
+    g = torch.Generator().manual_seed(0)
+    samples = [grpo.Sample(torch.randint(0, 250, (3 + i,), generator=g).tolist(),
+                           torch.randint(0, 250, (2 + 3 * (i % 3),), generator=g).tolist(), a)
+               for i, a in enumerate([1.0, -1.0, 0.0, 0.5, -0.5, 2.0, 0.0])]
+    for agg in ("token-mean", "seq-mean-token-sum-norm"):
+        got = []
+        for world in (1, 2):
+            out = tmp_path / f"{agg}{world}.pt"
+            mp.spawn(_rank_grads, args=(world, tmp_path / f"store{agg}{world}", samples, agg, out), nprocs=world)
+            got.append(torch.load(out))
+        for k in got[0]:
+            assert torch.allclose(got[0][k], got[1][k], atol=1e-6), (agg, k)

@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import agent
-import evaluate
+import envs
 
 TAGS = ["<think>", "</think>", "<action>", "</action>", "Plan 1:", "> ", "Value: ", "Best: Plan 2", "\n",
         '{"action_type": "click", "index": ', "}", "nan", "-1e999"]
@@ -39,16 +39,14 @@ def test_random_token_ids_decode_and_parse(ids):
     agent.parse_response(text)
 
 
-@pytest.fixture(scope="module", params=["sokoban", "android", "alfworld"])
+@pytest.fixture(scope="module", params=["sokoban", "android", pytest.param("alfworld", marks=pytest.mark.slow)])
 def env(request):
-    mod = evaluate.env_module(request.param)
-    e = mod.make_env("train")
-    e.reset(mod.split_seeds("train", 1)[0])
-    return e
+    return envs.make_env(request.param, "train")
 
 
 @given(text=outputs)
 def test_any_output_is_at_worst_an_invalid_step(env, text):
+    env.reset(envs.split_seeds("train", 1)[0])      # every example starts from the same fresh episode
     action = agent.parse_response(text).action
     obs, reward, done, info = env.step(action if action is not None else text)
     assert isinstance(obs, str) and isinstance(reward, float) and isinstance(done, bool)
@@ -57,4 +55,5 @@ def test_any_output_is_at_worst_an_invalid_step(env, text):
         assert info["action_is_valid"] == (text.strip().lower() in ("up", "down", "left", "right"))
     if env.name == "android" and not info["action_is_valid"]:
         assert obs.strip(), "an invalid step says what was wrong"
-    json.dumps(info)    # info stays plain data (it is logged)
+    assert set(info) == {"success", "action_is_valid"}    # exactly the protocol's keys, plain data
+    json.dumps(info)

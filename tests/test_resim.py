@@ -1,17 +1,21 @@
 """ReSim: real search trees, traces grounded in the real env, SFT on responses only."""
+import dataclasses
+
 import numpy as np
 import torch
 
 import agent
+import envs
 import evaluate
 import resim
 import search_tree
 import sokoban
+import train
 
 
 def test_tree_rollouts_replay_to_the_same_real_states():
     env = sokoban.make_env("train")
-    env.reset(sokoban.split_seeds("train", 1)[0])
+    env.reset(envs.split_seeds("train", 1)[0])
     env.step(env.expert_plan()[0])
     root, before = env.get_state(), env.render()
     rng = np.random.default_rng(0)
@@ -30,7 +34,7 @@ def test_tree_rollouts_replay_to_the_same_real_states():
 
 def test_expand_leaves_the_env_where_it_was():
     env = sokoban.make_env("train")
-    env.reset(sokoban.split_seeds("train", 2)[1])
+    env.reset(envs.split_seeds("train", 2)[1])
     before = env.render()
     search_tree.expand(env, b=4, d=2, act=search_tree.random_policy, value=lambda e: 0.5,
                        rng=np.random.default_rng(1))
@@ -49,11 +53,14 @@ def test_value_functions_order_states():
     assert search_tree.expert_value(0.9)(dead) == 0.0     # the box is stuck in a corner
 
 
-def _collect(n=3, **kw):
-    _, tok = agent.load_model("tiny", hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                               num_key_value_heads=2, intermediate_size=64)
-    seeds = sokoban.split_seeds("train", n)
+TINY = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, intermediate_size=64)
+
+
+def _collect(n=3, eps=0.3, **kw):
+    _, tok = agent.load_model("tiny", **TINY)
+    seeds = envs.split_seeds("train", n)
     recs, stats = resim.collect("sokoban", {}, seeds, tokenizer=tok, aggregate=resim.template_aggregate,
+                                act=search_tree.expert_policy(eps), value=search_tree.expert_value(0.9),
                                 system=False, progress=False, **kw)
     return recs, stats, tok
 
@@ -64,52 +71,82 @@ def test_every_imagined_state_in_a_trace_is_real():
     checked, wrong = resim.verify(recs)
     assert checked >= 2 * len(recs) and wrong == []
     # a corrupted trace is caught
-    p = agent.parse_response(recs[0]["response"])
+    p = agent.parse_response(recs[0].response)
     p.plans[0].states[0] = p.plans[0].states[0].replace("#", "_", 1)
-    bad = dict(recs[0], response=agent.format_response(p.plans, p.best, p.action))
+    bad = dataclasses.replace(recs[0], response=agent.format_response(p.plans, p.best, p.action))
     assert resim.verify([bad])[1]
 
 
 def test_trace_parses_back_to_what_the_aggregator_wrote():
     recs, _, _ = _collect(2, b=4, d=2, b_train=2)
     for r in recs:
-        p = agent.parse_response(r["response"])
-        assert p.action == r["action"] and p.best == 0
-        assert p.plans[0].actions[0] == r["action"]
-        assert agent.format_response(p.plans, p.best, p.action) == r["response"]
+        p = agent.parse_response(r.response)
+        assert p.action == r.action and p.plans[p.best].actions[0] == r.action
+        assert agent.format_response(p.plans, p.best, p.action) == r.response
+
+
+def test_the_choice_comes_after_the_plans_and_the_best_plan_is_anywhere():
+    """Shuffled traces: the best plan (highest value) sits at a random place, so the first token after
+    "Plan 1:" does not decide the action; "Best: Plan k" comes after every plan, and the action is plan k's."""
+    recs, _, _ = _collect(40, eps=0.6, b=4, d=1, b_train=2)
+    places = []
+    for r in (r for r in recs if r.kind == "resim"):
+        p = agent.parse_response(r.response)
+        if len(p.plans) < 2 or p.plans[0].value == p.plans[1].value:
+            continue
+        assert p.plans[p.best].value == max(q.value for q in p.plans) and r.action == p.plans[p.best].actions[0]
+        assert r.response.index("Best: Plan") > r.response.rindex("Value:")
+        places.append(p.best)
+    assert len(places) >= 20 and 0.25 < np.mean(places) < 0.75           # both places, about equally often
+    first, _, _ = _collect(40, eps=0.6, b=4, d=1, b_train=2, plan_order="best_first")
+    assert all(agent.parse_response(r.response).best == 0 for r in first if r.kind == "resim")
+
+
+def test_refinement_examples_choose_a_worse_plan_before_the_real_future_is_shown():
+    recs, _, tok = _collect(30, eps=0.6, b=4, d=1, b_train=2, refine_frac=1.0)
+    refine = [r for r in recs if r.kind == "refine"]
+    assert refine
+    for r in refine:
+        prev = r.prompt.split("<|im_start|>assistant\n")[1].split("<|im_end|>")[0]
+        p = agent.parse_response(prev)
+        assert p.plans[p.best].value == min(q.value for q in p.plans)        # the previous answer chose worse
+        assert "Real states after your plan" in r.prompt and r.prompt.endswith("<|im_start|>assistant\n")
 
 
 def test_perfect_trace_has_simulation_score_one_and_wrong_states_lower():
     recs, _, _ = _collect(1, b=4, d=2, b_train=2)
     env = sokoban.make_env("train")
 
+    recs = [r for r in recs if r.kind == "resim"]
+
     def episode(texts):
-        turns = [agent.Turn(prompt_ids=[], response_ids=[], logprobs=[], text=t, obs="", action=r["action"],
-                            valid=True, reward=0.0, done=False, success=False) for t, r in zip(texts, recs)]
-        return agent.Episode(env_name="sokoban", seed=recs[0]["seed"], turns=turns, success=True,
-                             steps=len(turns), ret=0.0)
-    good, _ = evaluate.replay(env, episode([r["response"] for r in recs]))
+        turns = [agent.Turn(prompt_ids=[], response_ids=[], text=t, obs="", action=r.action, valid=True,
+                            done=False, success=False) for t, r in zip(texts, recs)]
+        return agent.Episode(env_name="sokoban", seed=recs[0].seed, turns=turns, success=True, max_steps=20)
+    good, _ = evaluate.replay(env, episode([r.response for r in recs]))
     assert good == [1.0] * len(recs)
-    wrong = [r["response"].replace("#", "_", 3) for r in recs]
+    wrong = [r.response.replace("#", "_", 3) for r in recs]
     bad, _ = evaluate.replay(env, episode(wrong))
     assert max(bad) < 1.0
-    none, _ = evaluate.replay(env, episode([f"<action>{r['action']}</action>" for r in recs]))
+    none, _ = evaluate.replay(env, episode([f"<action>{r.action}</action>" for r in recs]))
     assert none == [0.0] * len(recs)
 
 
 def test_sft_learns_the_response_and_ignores_the_prompt():
-    model, tok = agent.load_model("tiny", hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                  num_key_value_heads=2, intermediate_size=64)
-    pairs = [(tok("noise " * 5)["input_ids"], tok("<action>Up</action>")["input_ids"])] * 8
     import grpo
-    with torch.no_grad():
-        before = -grpo.sft_loss(*grpo.response_logprobs(model, [p for p, _ in pairs[:1]],
-                                                         [q for _, q in pairs[:1]], tok.pad_token_id)).item()
-    resim.sft(model, tok, pairs, epochs=20, batch_size=8, micro_batch=4, lr=1e-2, bf16=False, progress=False)
-    with torch.no_grad():
-        after = -grpo.sft_loss(*grpo.response_logprobs(model, [p for p, _ in pairs[:1]],
-                                                        [q for _, q in pairs[:1]], tok.pad_token_id)).item()
-    assert after > before + 1.0
+    model, tok = agent.load_model("tiny", **TINY)
+    sample = grpo.Sample(tok("noise " * 5)["input_ids"], tok("<action>Up</action>")["input_ids"])
+
+    def nll():
+        with torch.no_grad():
+            return -grpo.response_logprobs(model, [sample.prompt_ids], [sample.response_ids], tok.pad_token_id)[0].sum()
+    before = nll()
+    opt = train.make_optimizer(model, 1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    sc = dict(micro_batch=4, grad_clip=1.0)
+    for _ in range(20):
+        train.sft_step(model, opt, sched, [sample] * 8, tok.pad_token_id, sc, False, 1)
+    assert nll() < before - 1.0
 
 
 def test_summary_reports_success_by_optimal_length():
@@ -127,11 +164,11 @@ def test_llm_aggregator_never_changes_plans_states_or_action():
     recs, _, _ = _collect(2, b=4, d=2, b_train=2)
     aggregate = resim.llm_aggregator(model, tok, max_new_tokens=24)
     for r in recs:
-        base = agent.parse_response(r["response"])
-        out = aggregate(base.plans, "state")
+        base = agent.parse_response(r.response)
+        out = aggregate(base.plans, base.best, "state")
         p = agent.parse_response(out)
         assert (p.plans, p.best, p.action) == (base.plans, base.best, base.action)
-        lines, base_lines = out.splitlines(), r["response"].splitlines()
+        lines, base_lines = out.splitlines(), r.response.splitlines()
         if len(lines) != len(base_lines):     # at most one comparison line, right before "Best:"
             k = next(i for i, line in enumerate(lines) if line.startswith("Best:"))
             assert lines[:k - 1] + lines[k:] == base_lines

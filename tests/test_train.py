@@ -1,33 +1,57 @@
-"""train.py: config errors before any work, and a smoke run of every stage on a tiny model."""
+"""train.py: config errors before any work, the two updates (SFT and RL) against hand computations, and a smoke
+run of every stage on a tiny model."""
+import copy
 import json
 
 import pytest
+import torch
 
+import agent
+import common
+import grpo
 import train
 
 TINY = ["tiny.hidden_size=32", "tiny.num_hidden_layers=1", "tiny.num_attention_heads=2",
         "tiny.num_key_value_heads=2", "tiny.intermediate_size=64", "max_new_tokens=40",
         "env_kwargs={max_steps: 3}", "eval.id=2", "eval.ood=1"]
+SMALL = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, intermediate_size=64)
 
 
 def test_config_rejects_unknown_and_mistyped_keys(tmp_path):
+    load = lambda path=None, ov=(): common.load_config(train.DEFAULTS, path, ov)   # noqa: E731
     with pytest.raises(ValueError, match="unknown key 'epoch'"):
-        train.load_config(None, ["sft.epoch=3"])
+        load(None, ["sft.epoch=3"])
     with pytest.raises(ValueError, match="expected int"):
-        train.load_config(None, ["rl.steps=many"])
+        load(None, ["rl.steps=many"])
     with pytest.raises(ValueError, match="expected key=value"):
-        train.load_config(None, ["rl.steps"])
+        load(None, ["rl.steps"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("resim: [1, 2]\n")
     with pytest.raises(ValueError, match="expected a mapping"):
-        train.load_config(str(bad))
-    cfg = train.load_config("configs/sokoban.yaml", ["rl.lr=1e-4", "sft.lr=1"])
-    assert cfg["rl"]["lr"] == 1e-4 and cfg["sft"]["lr"] == 1.0
+        load(str(bad))
+    cfg = load("configs/android.yaml", ["rl.lr=1e-4", "sft.lr=1"])
+    assert cfg["rl"]["lr"] == 1e-4 and cfg["sft"]["lr"] == 1.0 and cfg["env"] == "android"
 
 
-def test_cli_config_error_is_one_clear_message():
-    with pytest.raises(SystemExit, match="config error: .*unknown key"):
-        train.main(["--stage", "resim", "nonsense=1"])
+def test_every_config_key_is_documented_where_it_is_defined():
+    src = open("train.py").read()
+    block = src[src.index("DEFAULTS = {"):src.index("STAGES = ")]
+    def keys(d, pre=""):
+        return [k for key, v in d.items() for k in ([pre + key] + (keys(v, pre + key + ".") if isinstance(v, dict)
+                                                                   and key != "tiny" else []))]
+    for k in keys(train.DEFAULTS):
+        line = next(x for x in block.splitlines() if f'"{k.split(".")[-1]}":' in x)
+        assert "#" in line, f"{k} has no comment"
+
+
+@pytest.mark.parametrize("args,match", [
+    (["nonsense=1"], "unknown key"),
+    (["env=chess"], "unknown env 'chess'"),
+    (["env_kwargs={colour: red}"], "unknown sokoban option"),
+])
+def test_cli_config_error_is_one_clear_message(args, match):
+    with pytest.raises(SystemExit, match=f"config error: .*{match}"):
+        train.main(["--stage", "resim"] + args)
 
 
 def test_unwritable_run_directory_fails_before_training(tmp_path):
@@ -36,6 +60,88 @@ def test_unwritable_run_directory_fails_before_training(tmp_path):
     with pytest.raises(SystemExit, match="not writable"):
         train.main(["--stage", "resim", f"out_dir={blocker}/run"] + TINY)
 
+
+# ---- the RL update ----------------------------------------------------------------------------------------
+
+RC = dict(train.DEFAULTS["rl"], lr=0.0, ppo_epochs=1, beta=0.0)
+
+
+class Recorder:
+    """An optimiser that only records the gradient it was asked to apply."""
+    def __init__(self, model):
+        self.params, self.grads = list(model.parameters()), None
+
+    def step(self):
+        self.grads = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in self.params]
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params:
+            p.grad = None
+
+
+def _samples(tok, advantages):
+    torch.manual_seed(0)
+    out = []
+    for i, a in enumerate(advantages):
+        prompt = tok(f"prompt {i} " * (1 + i % 3), add_special_tokens=False)["input_ids"]
+        resp = torch.randint(0, 250, (3 + 4 * (i % 4),)).tolist() + [tok.eos_token_id]
+        out.append(grpo.Sample(prompt, resp, a))
+    return out
+
+
+def _grads(model, samples, **rc):
+    rec = Recorder(model)
+    train.rl_update(model, None, rec, samples, 0, dict(RC, **rc), False, 1, budget=40)
+    return rec.grads
+
+
+@pytest.mark.parametrize("agg", grpo.AGG_MODES)
+def test_rl_update_does_not_depend_on_micro_batch(agg):
+    model, tok = agent.load_model("tiny", dtype=torch.float32, **SMALL)
+    samples = _samples(tok, [1.0, -0.5, 0.0, 2.0, -1.0, 0.3, 0.0])
+    a = _grads(model, samples, micro_batch=1, agg=agg)
+    b = _grads(model, samples, micro_batch=3, agg=agg)
+    c = _grads(model, samples, micro_batch=16, agg=agg)
+    for x, y, z in zip(a, b, c):
+        assert torch.allclose(x, y, atol=1e-6) and torch.allclose(x, z, atol=1e-6)
+
+
+def test_rl_update_counts_the_tokens_of_zero_advantage_samples():
+    """veRL's token-mean divides by every response token of the batch: samples of all-equal groups (A = 0)
+    dilute the step instead of being dropped from the normaliser."""
+    model, tok = agent.load_model("tiny", dtype=torch.float32, **SMALL)
+    samples = _samples(tok, [1.0, -1.0, 0.0, 0.0, 0.0])
+    got = _grads(model, samples, micro_batch=2)
+    model.zero_grad()
+    logp, mask = grpo.response_logprobs(model, [s.prompt_ids for s in samples], [s.response_ids for s in samples], 0)
+    loss, _ = grpo.policy_loss(logp, logp.detach(), torch.tensor([s.advantage for s in samples]), mask)
+    loss.backward()
+    for g, p in zip(got, model.parameters()):
+        assert torch.allclose(g, p.grad if p.grad is not None else torch.zeros_like(p), atol=1e-6)
+
+
+def test_rl_update_takes_log_probs_at_the_sampling_temperature(monkeypatch):
+    model, tok = agent.load_model("tiny", dtype=torch.float32, **SMALL)
+    seen, real = [], grpo.response_logprobs
+
+    def spy(*a, temperature=1.0, **kw):
+        seen.append(temperature)
+        return real(*a, temperature=temperature, **kw)
+    monkeypatch.setattr(grpo, "response_logprobs", spy)
+    _grads(model, _samples(tok, [1.0, -1.0]), temperature=0.7)
+    assert seen and set(seen) == {0.7}
+
+
+def test_an_rl_update_moves_the_weights():
+    model, tok = agent.load_model("tiny", dtype=torch.float32, **SMALL)
+    before = copy.deepcopy(model.state_dict())
+    opt = train.make_optimizer(model, 1e-3)
+    stats = train.rl_update(model, None, opt, _samples(tok, [1.0, -1.0, 0.0]), 0, dict(RC, lr=1e-3), False, 1, 40)
+    assert stats["trained_samples"] == 2 and stats["grad_norm"] > 0
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# ---- the stages, end to end -----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def resim_run(tmp_path_factory):
@@ -54,20 +160,52 @@ def test_resim_stage_smoke(resim_run):
     assert any(r["stage"] == "sft" for r in recs)
 
 
+@pytest.fixture(scope="module")
+def solver(tmp_path_factory):
+    """An action-only policy that already solves some 3-step puzzles, so RL groups have non-zero advantages."""
+    out = tmp_path_factory.mktemp("solver")
+    train.main(["--stage", "resim", f"out_dir={out}", "resim.episodes=300", "resim.action_only=true",
+                "sft.epochs=4", "sft.batch_size=8", "sft.lr=0.005", "eval.id=0", "eval.ood=0"]
+               + [a for a in TINY if not a.startswith("tiny.")]
+               + ["tiny.hidden_size=64", "tiny.num_hidden_layers=2", "tiny.num_attention_heads=2",
+                  "tiny.num_key_value_heads=2", "tiny.intermediate_size=128"])
+    return out / "model"
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["grpo", "rloo", "dyna_grpo"])
-def test_rl_stage_smoke(resim_run, tmp_path, stage):
-    src, _ = resim_run
-    train.main(["--stage", stage, f"out_dir={tmp_path}", f"init_from={src / 'model'}", "rl.steps=2",
-                "rl.tasks=1", "rl.group=2", "rl.micro_batch=4"] + TINY)
+def test_rl_stage_smoke_and_the_weights_move(solver, tmp_path, stage):
+    train.main(["--stage", stage, f"out_dir={tmp_path}", f"init_from={solver}", "rl.steps=2", "rl.tasks=2",
+                "rl.group=4", "rl.micro_batch=4", "rl.lr=0.001", "eval.id=0", "eval.ood=0", "max_new_tokens=24",
+                "env_kwargs={max_steps: 3}"])
     recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in recs if r["stage"] == f"rl_{stage}"]
-    assert len(steps) == 2
+    assert len(steps) == 2 and all(r["rollout_s"] > 0 and r["update_s"] >= 0 for r in steps)
     if stage == "dyna_grpo":
         assert [r["phase"] for r in steps] == ["sim", "pi"] and "a_refine_mean" in steps[0]
-    assert (tmp_path / "model" / "config.json").exists()
+    assert any(r.get("trained_samples", 0) > 0 for r in steps), "every group had equal returns: vacuous"
+    a = agent.load_model(str(solver))[0].state_dict()
+    b = agent.load_model(str(tmp_path / "model"))[0].state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("config", ["configs/alfworld.yaml", "configs/android.yaml"])
+def test_llm_rollout_value_and_aggregator_run_from_the_config(tmp_path):
+    cfg = common.load_config(train.DEFAULTS, None, TINY + ["resim.rollout=llm", "resim.value=llm",
+                                                          "resim.aggregator=llm"])
+    model, tok = agent.load_model("tiny", **SMALL)
+    act, value, aggregate = train.search_parts(cfg, model, tok, "cpu")
+    import envs
+    import numpy as np
+    import resim
+    env = envs.make_env("sokoban", "train", max_steps=2)
+    recs, _ = resim.resim_episode(env, 5, b=2, d=1, b_train=2, plan_order="shuffled", act=act, value=value,
+                                  aggregate=aggregate, rng=np.random.default_rng(0), tokenizer=tok, history_k=0,
+                                  system=False)
+    assert recs and all(r.kind == "resim" for r in recs)
+
+
+@pytest.mark.parametrize("config", [pytest.param("configs/alfworld.yaml", marks=pytest.mark.slow),
+                                    "configs/android.yaml"])
 def test_resim_and_dyna_grpo_run_on_the_other_envs(tmp_path, config):
     small = TINY[:-3] + ["eval.id=1", "eval.ood=1"]
     kw = "{max_steps: %d}" if "android" in config else "{max_steps: %d, expert: planner}"

@@ -1,0 +1,168 @@
+"""engine.py: the hand-written generation loop against Hugging Face's generate and a full forward; fresh noise;
+the lean decode step against the fallback."""
+import pytest
+import torch
+
+import agent
+import engine
+
+torch.set_num_threads(1)   # 2 shared cores: one thread avoids oversubscription stalls
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return agent.load_model("tiny", dtype=torch.float32)
+
+
+def _hf_greedy(model, tok, ids, n, eos):
+    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=tok.pad_token_id)
+    return out[0, len(ids):].tolist()
+
+
+def _expected(tok, hf, stop, eos):
+    """Reference semantics: cut at the first token whose text completes a stop string, or at EOS (kept)."""
+    for k, t in enumerate(hf):
+        if t in eos:
+            return hf[:k + 1], "eos"
+        if any(s in tok.decode(hf[:k + 1]) for s in stop):
+            return hf[:k + 1], "stop"
+    return hf, "length"
+
+
+@pytest.mark.parametrize("prefill_group", [8, 2])   # 2: prefill caches of several length groups
+@pytest.mark.parametrize("lean", [True, False])     # the lean decode step, and Hugging Face's forward
+def test_greedy_matches_hf_generate(tiny, prefill_group, lean, monkeypatch):
+    model, tok = tiny
+    if not lean:
+        monkeypatch.setattr(engine, "LEAN_TYPES", ())
+    prompts = ["<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", "a",
+               "a much longer prompt " * 6, "xyz √√ 123", "the quick brown fox"]
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    n = 40
+    free = [_hf_greedy(model, tok, p, n, [tok.eos_token_id]) for p in ids]
+    # make rows end at different steps: an extra EOS taken from row 0, a stop string from row 1
+    extra_eos = free[0][17]
+    stop = (tok.decode(free[1][9:12]), "</action>")
+    eos = [tok.eos_token_id, extra_eos]
+    model.generation_config.eos_token_id = eos
+    try:
+        hf = [_hf_greedy(model, tok, p, n, eos) for p in ids]
+        ours = engine.generate(model, tok, prompts, max_new_tokens=n, temperature=0, stop=stop,
+                               prefill_group=prefill_group)
+    finally:
+        model.generation_config.eos_token_id = tok.eos_token_id
+    reasons = set()
+    for h, g in zip(hf, ours):
+        want, why = _expected(tok, h, stop, eos)
+        assert g.token_ids == want and g.finish_reason == why
+        body = g.token_ids[:-1] if why == "eos" else g.token_ids
+        assert g.text == tok.decode(body) and len(g.logprobs) == len(g.token_ids)
+        reasons.add(why)
+    assert len({len(g.token_ids) for g in ours}) >= 3 and {"eos", "stop"} <= reasons
+
+
+def test_a_row_that_ends_on_eos_keeps_it(tiny):
+    model, tok = tiny
+    ids = tok("abc", add_special_tokens=False)["input_ids"]
+    first = _hf_greedy(model, tok, ids, 1, [tok.eos_token_id])[0]
+    model.generation_config.eos_token_id = [tok.eos_token_id, first]   # the greedy first token ends the row
+    try:
+        g, = engine.generate(model, tok, [ids], max_new_tokens=8, temperature=0)
+    finally:
+        model.generation_config.eos_token_id = tok.eos_token_id
+    assert g.finish_reason == "eos" and g.token_ids == [first] and g.text == "" and len(g.logprobs) == 1
+
+
+def _full_logprobs(model, prompt_ids, resp, temperature):
+    x = torch.tensor([prompt_ids + resp])
+    with torch.no_grad():
+        logits = model(x).logits[0, len(prompt_ids) - 1:-1].float()
+    lp = (logits / (temperature or 1.0)).log_softmax(-1)
+    return lp.gather(-1, torch.tensor(resp)[:, None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_logprobs_match_a_full_forward(tiny, lean, monkeypatch):
+    model, tok = tiny
+    if not lean:
+        monkeypatch.setattr(engine, "LEAN_TYPES", ())
+    prompts = ["short", "a somewhat longer prompt here", "mid √ size"]
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    for temperature in (0.0, 0.7):
+        gens = engine.generate(model, tok, ids, max_new_tokens=24, temperature=temperature, seed=1, stop=(),
+                               prefill_group=2)
+        for p, g in zip(ids, gens):
+            assert g.finish_reason == "length" and len(g.token_ids) == 24
+            ref = _full_logprobs(model, p, g.token_ids, temperature)
+            assert torch.allclose(torch.tensor(g.logprobs), ref, atol=1e-4)
+
+
+def test_bf16_lean_step_agrees_with_hf_forward():
+    """In bf16 the lean step (float32 attention) and Hugging Face's forward differ only by rounding."""
+    model, tok = agent.load_model("tiny", dtype=torch.bfloat16)
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in ("one prompt", "another, longer prompt")]
+    with torch.inference_mode():
+        lean, logits = engine._prefill(model, ids, tok.pad_token_id, 8, 64)
+        nxt = logits.argmax(-1)
+        pos = torch.tensor([len(p) for p in ids])
+        a = lean.step(nxt, pos, max(map(len, ids))).float()
+        cache_model = agent.load_model("tiny", dtype=torch.bfloat16)[0]
+        cache_model.config.model_type = "other"          # the same weights through the fallback
+        hf, _ = engine._prefill(cache_model, ids, tok.pad_token_id, 8, 64)
+        b = hf.step(nxt, pos, max(map(len, ids))).float()
+    assert isinstance(lean, engine.LeanDecoder) and isinstance(hf, engine.HFDecoder)
+    assert (a - b).abs().max() < 0.1 * b.abs().max()
+
+
+def test_top_p_logprobs_are_renormalised(tiny):
+    model, tok = tiny
+    g = engine.generate(model, tok, ["abc"] * 4, max_new_tokens=16, temperature=1.0, top_p=0.3, seed=0, stop=())
+    ids = tok("abc", add_special_tokens=False)["input_ids"]
+    for x in g:   # the truncated distribution puts more mass on each kept token than the full one
+        full = _full_logprobs(model, ids, x.token_ids, 1.0)
+        assert all(a > b for a, b in zip(x.logprobs, full.tolist()))
+
+
+def test_seeded_sampling_is_reproducible_and_a_shared_generator_advances(tiny):
+    model, tok = tiny
+    kw = dict(max_new_tokens=30, temperature=1.0, stop=("e",))
+    a = engine.generate(model, tok, ["one", "two two"] * 3, seed=7, **kw)
+    b = engine.generate(model, tok, ["one", "two two"] * 3, seed=7, **kw)
+    c = engine.generate(model, tok, ["one", "two two"] * 3, seed=8, **kw)
+    assert [g.token_ids for g in a] == [g.token_ids for g in b]
+    assert [g.logprobs for g in a] == [g.logprobs for g in b]
+    assert [g.token_ids for g in a] != [g.token_ids for g in c]
+    gen = torch.Generator().manual_seed(7)                 # one stream across calls: never the same noise twice
+    first = engine.generate(model, tok, ["one"], generator=gen, **kw)[0].token_ids
+    second = engine.generate(model, tok, ["one"], generator=gen, **kw)[0].token_ids
+    assert first == engine.generate(model, tok, ["one"], seed=7, **kw)[0].token_ids and second != first
+    chunked = engine.generate(model, tok, ["one", "two two"] * 3, seed=7, batch_size=2, **kw)
+    assert all(g.finish_reason in ("stop", "length", "eos") for g in chunked) and len(chunked) == 6
+
+
+def test_stop_tokens_cover_every_token_that_ends_a_stop_string(tiny):
+    _, tok = tiny
+    cand = set(engine.stop_tokens(tok, ("</action>", "\n\n")).tolist())
+    assert tok.convert_tokens_to_ids(">") in cand and tok(">", add_special_tokens=False)["input_ids"][0] in cand
+    assert tok("\n", add_special_tokens=False)["input_ids"][0] in cand
+    assert tok("a", add_special_tokens=False)["input_ids"][0] not in cand
+
+
+def test_unsupported_models_fall_back_and_say_so_once(tiny, monkeypatch, capsys):
+    model, tok = tiny
+    monkeypatch.setattr(engine, "LEAN_TYPES", ())
+    monkeypatch.setattr(engine, "_SAID", set())
+    a = engine.generate(model, tok, ["abc"], max_new_tokens=5, temperature=0)
+    b = engine.generate(model, tok, ["abc"], max_new_tokens=5, temperature=0)
+    assert a[0].token_ids == b[0].token_ids
+    assert capsys.readouterr().out.count("no lean decode step") == 1
+
+
+def test_generate_bad_input(tiny):
+    model, tok = tiny
+    with pytest.raises(ValueError):
+        engine.generate(model, tok, [[]], max_new_tokens=4)
+    with pytest.raises(ValueError):
+        engine.generate(model, tok, ["a"], max_new_tokens=4, top_p=0)
+    assert engine.generate(model, tok, ["a"], max_new_tokens=0)[0].finish_reason == "length"
