@@ -79,7 +79,11 @@ def load_model(name, dtype=None, device=None, **tiny):
         pkg = spec.submodule_search_locations[0]
         tokenizer = AutoTokenizer.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF)
         model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF, dtype=dtype or torch.float32)
-        model.hf_quantizer = None  # weights are dequantized; without this save_pretrained refuses
+        # The weights are dequantized on load: forget the GGUF quantizer, or save_pretrained refuses and a saved
+        # config would make every reload quantized again.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
     else:
         try:
             tokenizer = AutoTokenizer.from_pretrained(name)

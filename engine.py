@@ -22,6 +22,8 @@ from transformers import DynamicCache
 # model families whose decoder layer LeanDecoder reproduces (DYNAMIND_LEAN=0: always Hugging Face's forward)
 LEAN_TYPES = () if os.environ.get("DYNAMIND_LEAN") == "0" else ("llama", "qwen2")
 COMPACT_AT = 0.75                 # lean: drop finished rows once they are a quarter of the batch (a copy)
+DRAFT = 0                         # lean: prompt-lookup draft tokens verified per step (0: one token a step)
+NGRAM = 2                         # a draft continues the last earlier occurrence of the final NGRAM tokens
 _SAID = set()                     # model types whose fallback was already reported
 
 
@@ -57,21 +59,75 @@ def generate(model, tokenizer, prompts, *, max_new_tokens, temperature=1.0, top_
     return out
 
 
-def _sample(logits, temperature, top_p, gen):
-    """Next tokens and their log-probs under the (temperature, top-p) distribution; temperature 0 = greedy."""
+def _logprobs(logits, temperature, top_p):
+    """Log-probs of the distribution tokens are drawn from: softmax(logits / T), cut to the top-p nucleus and
+    renormalised; temperature 0 = greedy (the plain softmax, drawn by argmax)."""
     logits = logits.float()
     if temperature == 0:
-        lp = logits.log_softmax(-1)
-        tok = lp.argmax(-1)
-    else:
-        lp = (logits / temperature).log_softmax(-1)
-        if top_p < 1.0:  # keep the smallest prefix of sorted tokens whose mass reaches top_p, renormalise
-            slp, idx = lp.sort(-1, descending=True)
-            p = slp.exp()
-            slp[(p.cumsum(-1) - p) >= top_p] = -math.inf
-            lp = torch.full_like(lp, -math.inf).scatter(-1, idx, slp).log_softmax(-1)
-        tok = torch.multinomial(lp.exp(), 1, generator=gen).squeeze(-1)
+        return logits.log_softmax(-1)
+    lp = (logits / temperature).log_softmax(-1)
+    if top_p < 1.0:  # keep the smallest prefix of sorted tokens whose mass reaches top_p, renormalise
+        slp, idx = lp.sort(-1, descending=True)
+        p = slp.exp()
+        slp[(p.cumsum(-1) - p) >= top_p] = -math.inf
+        lp = torch.full_like(lp, -math.inf).scatter(-1, idx, slp).log_softmax(-1)
+    return lp
+
+
+def _draw(probs, temperature, gen):
+    return probs.argmax(-1) if temperature == 0 else _categorical(probs, gen)
+
+
+def _sample(logits, temperature, top_p, gen):
+    """Next tokens and their log-probs under the (temperature, top-p) distribution; temperature 0 = greedy."""
+    lp = _logprobs(logits, temperature, top_p)
+    tok = _draw(lp.exp(), temperature, gen)
     return tok, lp.gather(-1, tok[:, None]).squeeze(-1)
+
+
+def _categorical(probs, gen):
+    """One draw per row by inverting the CDF: B uniforms instead of multinomial's B x V exponentials (the same
+    distribution; "right" never lands on a zero-probability token)."""
+    cdf = probs.cumsum(-1)
+    u = torch.rand(probs.shape[0], 1, generator=gen, device=probs.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+
+
+def _verify(lp, drafts, temperature, gen):
+    """Speculative sampling with deterministic drafts. lp [B, K+1, V]: log-probs after the fed token and after
+    each of the K drafts. Draft j is kept with probability p_j(draft) (greedy: when it is the argmax); at the
+    first rejection the token is drawn from p_j without the draft, renormalised; when all K are kept, from
+    p_K. Every emitted token then has exactly the distribution of one-token-at-a-time sampling.
+    Returns (accepted count [B], next token [B], its log-prob [B])."""
+    B, K = drafts.shape
+    if K:
+        lp_d = lp[:, :K].gather(-1, drafts[..., None]).squeeze(-1)
+        ok = lp[:, :K].argmax(-1) == drafts if temperature == 0 else \
+            torch.rand(B, K, generator=gen, device=lp.device) < lp_d.exp()
+        acc = ok.long().cumprod(1).sum(1)
+    else:
+        acc = torch.zeros(B, dtype=torch.long, device=lp.device)
+    rows = torch.arange(B, device=lp.device)
+    lp_next = lp[rows, acc]
+    probs = lp_next.exp()
+    rejected = (acc < K).nonzero().flatten()
+    if len(rejected):
+        probs[rejected, drafts[rejected, acc[rejected]]] = 0.0
+    tok = _draw(probs, temperature, gen)
+    return acc, tok, lp_next.gather(-1, tok[:, None]).squeeze(-1)
+
+
+def _lookup(ctx, clen, n, K, pad):
+    """Prompt-lookup drafts [B, K]: the K tokens that followed the last earlier occurrence of each row's final
+    n tokens in its own context (prompt + response so far: grids, JSON and screens are mostly copies)."""
+    B, L = ctx.shape
+    last = ctx.gather(1, (clen[:, None] - n + torch.arange(n, device=ctx.device)).clamp(min=0))
+    start = torch.arange(L - n + 1, device=ctx.device)
+    hit = (ctx.unfold(1, n, 1) == last[:, None, :]).all(-1) & (start[None, :] + n < clen[:, None])
+    best = torch.where(hit, start[None, :], -1).max(1).values
+    src = best[:, None] + n + torch.arange(K, device=ctx.device)
+    drafts = ctx.gather(1, src.clamp(max=L - 1))
+    return torch.where((best[:, None] >= 0) & (src < clen[:, None]), drafts, pad)
 
 
 def eos_ids(model, tokenizer):
@@ -99,10 +155,14 @@ def stop_tokens(tokenizer, stop):
 
 class LeanDecoder:
     """A Llama / Qwen2 decode step over a KV cache preallocated once ([B, H_kv, T, D] per layer) and written in
-    place at column t: the model's own weights and operations, without the overhead. The q, k, v projections
-    run as one matrix product (their weights concatenated once per generate call), and so do gate and up;
-    RoPE's cos / sin are tabled once. Attention runs in float32 even for a bf16 model: on CPUs, batched bf16
-    products of these shapes are 2-4x slower than float32 ones, and float32 is the more exact."""
+    place at column t: the model's own weights and operations, without the overhead.
+    - q, k, v run as one matrix product (their weights concatenated once per generate call); so do gate and up.
+    - RoPE is one complex multiplication: the q and k rows of each head are reordered so that the pairs
+      RoPE rotates together ((i, i + D/2), rotate_half's pairs) sit side by side. Attention scores are dot
+      products within a head, which the same reordering of q and k leaves unchanged; prefill keys are reordered
+      as they are copied in.
+    - Attention runs in float32 even for a bf16 model: on CPUs, batched bf16 products of these shapes are
+      2-4x slower than float32 ones, and float32 is the more exact."""
 
     def __init__(self, model, batch, length):
         self.base, self.head = model.model, model.lm_head
@@ -114,41 +174,55 @@ class LeanDecoder:
         self.k = [w.new_zeros(shape, dtype=torch.float32) for _ in self.base.layers]
         self.v = [w.new_zeros(shape, dtype=torch.float32) for _ in self.base.layers]
         self.mask = w.new_full((batch, length), -math.inf, dtype=torch.float32)   # additive: 0 where a key is real
-        cat = lambda *ls: (torch.cat([l.weight for l in ls]),                     # noqa: E731
-                           None if ls[0].bias is None else torch.cat([l.bias for l in ls]))
-        self.qkv = [cat(l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj) for l in self.base.layers]
-        self.gate_up = [cat(l.mlp.gate_proj, l.mlp.up_proj) for l in self.base.layers]
+        d = self.d
+        self.pair = torch.arange(d, device=w.device).view(2, d // 2).t().flatten()   # 0, D/2, 1, D/2 + 1, ...
+        self.qkv = [self._fused(l.self_attn) for l in self.base.layers]
+        self.gate_up = [_cat(l.mlp.gate_proj, l.mlp.up_proj) for l in self.base.layers]
         cos, sin = self.base.rotary_emb(w.new_zeros(1, dtype=torch.float32), torch.arange(length, device=w.device)[None])
-        self.cos, self.sin = cos[0], sin[0]                                       # [positions, D]
+        self.rot = torch.complex(cos[0, :, :d // 2], sin[0, :, :d // 2])            # [positions, D/2]
+
+    def _fused(self, a):
+        """[q; k; v] weights (and biases) with the q and k rows of each head in RoPE pair order."""
+        nkv = self.hkv * self.d
+        rows = torch.cat([(torch.arange(0, self.nq + nkv, self.d, device=self.pair.device)[:, None] + self.pair).flatten(),
+                          torch.arange(self.nq + nkv, self.nq + 2 * nkv, device=self.pair.device)])
+        w, b = _cat(a.q_proj, a.k_proj, a.v_proj)
+        return w[rows], None if b is None else b[rows]
 
     def fill(self, rows, cache, start):
         """Copy a prefill cache (Hugging Face layers, rows `rows`) into columns start.. of the preallocated one."""
         for i, layer in enumerate(cache.layers):
             n = layer.keys.shape[2]
-            self.k[i][rows, :, start:start + n] = layer.keys.to(self.k[i].dtype)
+            self.k[i][rows, :, start:start + n] = layer.keys[..., self.pair].to(self.k[i].dtype)
             self.v[i][rows, :, start:start + n] = layer.values.to(self.v[i].dtype)
 
-    def step(self, tokens, pos, t):
-        B, d, hkv, nq = tokens.shape[0], self.d, self.hkv, self.nq
+    def step(self, tokens, pos, cols):
+        """tokens [B, n] at RoPE positions pos + 0..n-1, written to cache columns cols + 0..n-1 (per row):
+        one token, or the last sampled token and n - 1 drafts. Returns their next-token logits [B, n, V]."""
+        (B, n), d, hkv, nq = tokens.shape, self.d, self.hkv, self.nq
+        j = torch.arange(n, device=tokens.device)
+        col, rows = cols[:, None] + j, torch.arange(B, device=tokens.device)[:, None].expand(B, n)
+        W = int(col.max()) + 1
+        self.mask[rows, col] = 0.0
+        causal = torch.arange(W, device=tokens.device)[None, None, :] <= col[:, :, None]
+        bias = torch.where(causal, self.mask[:, None, :W], -math.inf)[:, None, None]   # [B, 1, 1, n, W]
+        rot = self.rot[pos[:, None] + j][:, :, None, None]                            # [B, n, 1, 1, D/2]
         x = self.base.embed_tokens(tokens)
-        cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]    # [B, 1, 1, D]
-        self.mask[:, t] = 0.0
-        mask = self.mask[:, None, None, :t + 1]
         for i, layer in enumerate(self.base.layers):
-            h = layer.input_layernorm(x)
-            qkv = F.linear(h, *self.qkv[i]).float()
-            q = qkv[:, :nq].view(B, hkv, -1, d)                                   # query heads grouped by kv head
-            k = qkv[:, nq:nq + hkv * d].view(B, hkv, 1, d)
-            q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-            self.k[i][:, :, t] = k[:, :, 0]
-            self.v[i][:, :, t] = qkv[:, nq + hkv * d:].view(B, hkv, d)
-            s = torch.matmul(q, self.k[i][:, :, :t + 1].transpose(-1, -2)) * self.scale + mask
-            o = torch.matmul(s.softmax(-1), self.v[i][:, :, :t + 1]).to(x.dtype)
+            qkv = F.linear(_rms_norm(x, layer.input_layernorm), *self.qkv[i]).float()   # [B, n, q + k + v]
+            q = _rope(qkv[..., :nq].reshape(B, n, hkv, -1, d), rot)                     # heads grouped by kv head
+            self.k[i][rows, :, col] = _rope(qkv[..., nq:nq + hkv * d].reshape(B, n, hkv, 1, d), rot)[..., 0, :]
+            self.v[i][rows, :, col] = qkv[..., nq + hkv * d:].reshape(B, n, hkv, d)
+            g = q.shape[3]
+            q = q.permute(0, 2, 3, 1, 4).reshape(B, hkv, g * n, d)
+            s = torch.matmul(q, self.k[i][:, :, :W].transpose(-1, -2)).view(B, hkv, g, n, W) * self.scale + bias
+            o = torch.matmul(s.softmax(-1).view(B, hkv, g * n, W), self.v[i][:, :, :W])
+            o = o.view(B, hkv, g, n, d).permute(0, 3, 1, 2, 4).reshape(B, n, nq).to(x.dtype)
             a, mlp = layer.self_attn, layer.mlp
-            x = x + F.linear(o.reshape(B, -1), a.o_proj.weight, a.o_proj.bias)
-            gate, up = F.linear(layer.post_attention_layernorm(x), *self.gate_up[i]).chunk(2, dim=-1)
+            x = x + F.linear(o, a.o_proj.weight, a.o_proj.bias)
+            gate, up = F.linear(_rms_norm(x, layer.post_attention_layernorm), *self.gate_up[i]).chunk(2, dim=-1)
             x = x + F.linear(mlp.act_fn(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)
-        return self.head(self.base.norm(x))
+        return self.head(_rms_norm(x, self.base.norm))
 
     def select(self, rows):
         self.k = [k.index_select(0, rows) for k in self.k]
@@ -156,9 +230,27 @@ class LeanDecoder:
         self.mask = self.mask.index_select(0, rows)
 
 
-def _rotate_half(x):
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def _cat(*linears):
+    return (torch.cat([l.weight for l in linears]),
+            None if linears[0].bias is None else torch.cat([l.bias for l in linears]))
+
+
+def _rope(x, rot):
+    """RoPE on float32 vectors whose rotated pairs are adjacent: one complex multiplication."""
+    return torch.view_as_real(torch.view_as_complex(x.view(*x.shape[:-1], -1, 2)) * rot).flatten(-2)
+
+
+def _rms_norm(x, norm):
+    """The model's RMSNorm (Llama / Qwen2), inline: the same operations without a module call."""
+    h = x.float()
+    return norm.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)).to(x.dtype)
+
+
+def _decode_batch(tokenizer, rows):
+    """Token rows -> texts, through the Rust tokenizer when there is one (transformers' batch_decode spends
+    more time converting the lists than decoding them)."""
+    fast = getattr(tokenizer, "_tokenizer", None)
+    return fast.decode_batch(rows, skip_special_tokens=False) if fast is not None else tokenizer.batch_decode(rows)
 
 
 class HFDecoder:
@@ -167,10 +259,11 @@ class HFDecoder:
     def __init__(self, model, cache, mask):
         self.model, self.cache, self.mask = model, cache, mask
 
-    def step(self, tokens, pos, t):
+    def step(self, tokens, pos, cols):
+        """One token per row (no drafts: a DynamicCache cannot drop a row's rejected ones)."""
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(tokens), 1)], 1)
-        return self.model(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=pos[:, None],
-                          cache=self.cache, use_cache=True).logits[:, -1]
+        return self.model(input_ids=tokens, attention_mask=self.mask, position_ids=pos[:, None],
+                          cache=self.cache, use_cache=True).logits
 
     def select(self, rows):
         self.cache.batch_select_indices(rows)
@@ -231,48 +324,78 @@ def _prefill(model, ids, pad_id, group, length):
     return HFDecoder(model, DynamicCache(ddp_cache_data=merged, config=model.config), mask), logits
 
 
+class Rows:
+    """The responses of a batch as they grow: tokens, log-probs and why each row ended (None: still going)."""
+
+    def __init__(self, tokenizer, n, max_new, eos, stop):
+        self.tok, self.max_new, self.eos, self.stop = tokenizer, max_new, eos, stop
+        self.cand = set(stop_tokens(tokenizer, stop).tolist()) if stop else set()
+        self.window = 4 * max(map(len, stop), default=0) + 4   # tokens whose text surely holds a stop string
+        self.ids, self.lps, self.reason = [[] for _ in range(n)], [[] for _ in range(n)], [None] * n
+
+    def emit(self, r, tokens, logprobs):
+        """Append tokens to row r until one ends it (EOS kept, a completed stop string, the budget)."""
+        for t, lp in zip(tokens, logprobs):
+            self.ids[r].append(t)
+            self.lps[r].append(lp)
+            if t in self.eos:
+                self.reason[r] = "eos"
+            elif t in self.cand and any(s in _decode_batch(self.tok, [self.ids[r][-self.window:]])[0] for s in self.stop):
+                self.reason[r] = "stop"
+            elif len(self.ids[r]) == self.max_new:
+                self.reason[r] = "length"
+            if self.reason[r]:
+                return
+
+    def generations(self):
+        out = []
+        for ids, lps, why in zip(self.ids, self.lps, self.reason):
+            body = ids[:-1] if why == "eos" else ids
+            out.append(Generation(ids, lps, self.tok.decode(body), why or "length"))
+        return out
+
+
 @torch.inference_mode()
 def _generate_batch(model, tokenizer, ids, max_new, temperature, top_p, stop, gen, prefill_group):
+    """Prefill, then steps that feed each row's last sampled token and, on the lean decoder, DRAFT
+    prompt-lookup drafts verified by speculative sampling (_verify): a step emits 1 to DRAFT + 1 tokens."""
     dev, B, T = model.device, len(ids), max(map(len, ids))
-    eos = torch.tensor(sorted(eos_ids(model, tokenizer)), device=dev)
-    window = 4 * max(map(len, stop), default=0) + 4        # tokens whose text surely holds a stop string's chars
-    cand = stop_tokens(tokenizer, stop).to(dev) if stop else None
-    dec, logits = _prefill(model, ids, tokenizer.pad_token_id, prefill_group, T + max_new)
-    toks = torch.zeros(B, max_new, dtype=torch.long, device=dev)
-    lps = torch.zeros(B, max_new, device=dev)
-    length, reason = [max_new] * B, ["length"] * B
-    orig = torch.arange(B, device=dev)                     # original row of each decoder row
-    live = torch.ones(B, dtype=torch.bool, device=dev)     # decoder rows still generating
-    pos = torch.tensor([len(p) for p in ids], device=dev)  # RoPE position of the next token
-    for s in range(max_new):
-        nxt, lp = _sample(logits, temperature, top_p, gen)
-        rows = orig[live]
-        toks[rows, s], lps[rows, s] = nxt[live], lp[live].float()
-        ended = live & torch.isin(nxt, eos)
-        for r in orig[ended].tolist():
-            length[r], reason[r] = s + 1, "eos"
-        if cand is not None:                               # decode a tail only where a stop could have completed
-            maybe = (live & ~ended & torch.isin(nxt, cand)).nonzero().flatten()
-            tails = tokenizer.batch_decode(toks[orig[maybe], max(0, s + 1 - window):s + 1].tolist())
-            for j, tail in zip(maybe.tolist(), tails):
-                if any(x in tail for x in stop):
-                    ended[j] = True
-                    length[int(orig[j])], reason[int(orig[j])] = s + 1, "stop"
-        live &= ~ended
-        n_live = int(live.sum())
-        if n_live == 0 or s == max_new - 1:
+    out = Rows(tokenizer, B, max_new, eos_ids(model, tokenizer), stop)
+    dec, logits = _prefill(model, ids, tokenizer.pad_token_id, prefill_group, T + max_new + DRAFT + 1)
+    K = DRAFT if isinstance(dec, LeanDecoder) else 0
+    nxt, lp = _sample(logits, temperature, top_p, gen)
+    for r, (t, l) in enumerate(zip(nxt.tolist(), lp.tolist())):
+        out.emit(r, [t], [l])
+    orig = torch.arange(B, device=dev)                     # the original row of each decoder row
+    pos = torch.tensor([len(p) for p in ids], device=dev)  # RoPE position of the token fed next
+    cols = torch.full((B,), T, device=dev)                 # cache column it is written to
+    ctx = torch.full((B, T + max_new + 1), -1, dtype=torch.long, device=dev)   # prompt + response: drafts' source
+    for r, p in enumerate(ids):
+        ctx[r, :len(p)] = torch.tensor(p)
+    ctx[torch.arange(B), pos] = nxt
+    clen = pos + 1
+    while True:
+        live = torch.tensor([out.reason[r] is None for r in orig.tolist()], device=dev)
+        if not live.any():
             break
         at = COMPACT_AT if isinstance(dec, LeanDecoder) else 1.0   # HF's cache is copied every step anyway
-        if n_live < len(live) and n_live <= at * len(live):     # drop finished rows: cache, positions, tokens
+        if not live.all() and live.sum() <= at * len(live):      # drop finished rows from the batch
             keep = live.nonzero().flatten()
             dec.select(keep)
-            orig, nxt, pos, live = orig[keep], nxt[keep], pos[keep], live[keep]
-        logits = dec.step(nxt, pos, T + s)
-        pos = pos + 1
-    eos_set = set(eos.tolist())
-    out = []
-    for r in range(B):
-        t = toks[r, :length[r]].tolist()
-        body = t[:-1] if reason[r] == "eos" and t and t[-1] in eos_set else t
-        out.append(Generation(t, lps[r, :length[r]].tolist(), tokenizer.decode(body), reason[r]))
-    return out
+            orig, nxt, pos, cols, ctx, clen = orig[keep], nxt[keep], pos[keep], cols[keep], ctx[keep], clen[keep]
+        drafts = _lookup(ctx, clen, NGRAM, K, pad=0)
+        logits = dec.step(torch.cat([nxt[:, None], drafts], 1), pos, cols)
+        acc, nxt, lp_next = _verify(_logprobs(logits, temperature, top_p), drafts, temperature, gen)
+        lp_d = _logprobs(logits[:, :K], temperature, top_p).gather(-1, drafts[..., None]).squeeze(-1) if K else drafts
+        for j, r in enumerate(orig.tolist()):
+            if out.reason[r] is None:
+                a = int(acc[j])
+                out.emit(r, drafts[j, :a].tolist() + [int(nxt[j])], lp_d[j, :a].tolist() + [float(lp_next[j])])
+        c = torch.arange(K + 1, device=dev)[None, :]                      # the kept drafts, then the new token
+        emitted = torch.where(c < acc[:, None], torch.cat([drafts, nxt[:, None]], 1), nxt[:, None])
+        where = (clen[:, None] + c).clamp(max=ctx.shape[1] - 1)
+        ctx.scatter_(1, where, torch.where(c <= acc[:, None], emitted, ctx.gather(1, where)))
+        alive = torch.tensor([out.reason[r] is None for r in orig.tolist()], device=dev)
+        step = (acc + 1) * alive              # finished rows stay put until they are dropped
+        clen, pos, cols = clen + step, pos + step, cols + step
+    return out.generations()

@@ -107,9 +107,11 @@ def refinement_example(env, history, obs, tree, *, plan_order, rng, tokenizer, h
 
 
 def resim_episode(env, seed, *, b, d, b_train, plan_order, act, value, aggregate, rng, tokenizer, history_k,
-                  system, refine_frac=0.0, env_kwargs=None):
+                  system, refine_frac=0.0, detour=0.0, env_kwargs=None):
     """Algorithm 3 on one episode. Returns (records, success): one record per real step, plus a refinement
-    record for a `refine_frac` share of the steps."""
+    record for a `refine_frac` share of the steps. With probability `detour` the real env takes the first
+    action of another rollout whose leaf is still solvable instead of the chosen one: the trace still teaches
+    the best choice, from states off the best path, where a policy finds itself after a mistake."""
     obs, history, records = env.reset(seed), [], []
     while not env.done:
         tree = search_tree.best_first(search_tree.expand(env, b=b, d=d, act=act, value=value, rng=rng))
@@ -126,13 +128,18 @@ def resim_episode(env, seed, *, b, d, b_train, plan_order, act, value, aggregate
             records.append(dataclasses.replace(rec, kind="refine", prompt=refinement_example(
                 env, history, obs, tree, plan_order=plan_order, rng=rng, tokenizer=tokenizer,
                 history_k=history_k, system=system)))
-        obs, _, _, _ = env.step(action)
-        history.append((action, obs))
+        taken = action
+        if detour and rng.random() < detour:
+            alternatives = [r for r in tree[1:] if r.value > 0]
+            if alternatives:
+                taken = alternatives[int(rng.integers(len(alternatives)))].actions[0]
+        obs, _, _, _ = env.step(taken)
+        history.append((taken, obs))
     return records, bool(env.success)
 
 
 def collect(env_name, env_kwargs, seeds, *, act, value, aggregate, tokenizer, b=4, d=1, b_train=2,
-            plan_order="shuffled", refine_frac=0.0, history_k=0, system=True, seed=0, progress=True):
+            plan_order="shuffled", refine_frac=0.0, detour=0.0, history_k=0, system=True, seed=0, progress=True):
     """ReSim data for many train-split episodes; keeps the successful ones. Returns (records, stats)."""
     env = envs.make_env(env_name, "train", **env_kwargs)
     records, solved, t0 = [], 0, time.time()
@@ -140,7 +147,7 @@ def collect(env_name, env_kwargs, seeds, *, act, value, aggregate, tokenizer, b=
         rng = np.random.default_rng([seed, s])   # per episode: the same trees however seeds are sharded
         recs, ok = resim_episode(env, s, b=b, d=d, b_train=b_train, plan_order=plan_order, act=act, value=value,
                                  aggregate=aggregate, rng=rng, tokenizer=tokenizer, history_k=history_k,
-                                 system=system, refine_frac=refine_frac, env_kwargs=env_kwargs)
+                                 system=system, refine_frac=refine_frac, detour=detour, env_kwargs=env_kwargs)
         solved += ok
         records += recs if ok else []
     stats = dict(episodes=len(seeds), solved=solved, steps=sum(r.kind == "resim" for r in records),

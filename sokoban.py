@@ -295,9 +295,12 @@ class Sokoban:
     name, rules, task, task_type = "sokoban", RULES, "", ""
 
     def __init__(self, dim=(6, 6), num_boxes=1, max_steps=20, min_solution=1, max_solution=20,
-                 p_change=0.35, num_gen_steps=None, max_attempts=1000, level=None):
+                 p_change=0.35, num_gen_steps=None, max_attempts=1000, level=None, rooms=None):
         if min_solution > max_solution:
             raise ValueError(f"min_solution {min_solution} > max_solution {max_solution}")
+        if rooms is not None and (not rooms or any(len(r) != 3 or min(r) < 1 for r in rooms)):
+            raise ValueError(f"rooms must be a non-empty list of [height, width, boxes], got {rooms!r}")
+        self.rooms = [tuple(r) for r in rooms] if rooms else None   # a mixture: seed s plays rooms[s % len]
         self.dim, self.num_boxes, self.max_steps = tuple(dim), num_boxes, max_steps
         self.min_solution, self.max_solution = min_solution, max_solution
         self.p_change, self.num_gen_steps, self.max_attempts = p_change, num_gen_steps, max_attempts
@@ -371,6 +374,9 @@ class Sokoban:
         self.seed = seed
         if self.level is not None:             # a fixed (XSB) level ignores the seed
             return self.load_arrays(*self.level)
+        if self.rooms:
+            h, w, self.num_boxes = self.rooms[seed % len(self.rooms)]
+            self.dim = (h, w)
         fixed, state, self.solution_length = self._generate(seed)
         return self.load_arrays(fixed, state)
 
@@ -463,13 +469,18 @@ def _norm_grid(text):
 # splits
 
 OPTIONS = ("dim", "num_boxes", "max_steps", "min_solution", "max_solution", "p_change", "num_gen_steps",
-           "max_attempts")
+           "max_attempts", "rooms", "train_rooms")
 
 
 def make_env(split, **overrides):
+    """A Sokoban env for a split. train_rooms: a mixture of [height, width, boxes] for the train split only
+    (the held-out splits keep their rooms); rooms: a mixture for every split."""
     envs.check_split(split)
     envs.check_options("sokoban", overrides, OPTIONS)
+    train_rooms = overrides.pop("train_rooms", None)
     cfg = dict(SPLITS[split], **overrides)
+    if split == "train" and train_rooms:
+        cfg["rooms"] = train_rooms
     if "max_steps" in overrides and "max_solution" not in overrides:
         cfg["max_solution"] = min(cfg["max_solution"], cfg["max_steps"])   # keep rooms solvable in the cap
     return Sokoban(**cfg)

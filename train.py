@@ -71,6 +71,7 @@ DEFAULTS = {
         "value": "expert",        # leaf value: expert (gamma ** steps-to-go) | mc (Appendix D.3) | llm
         "gamma": 0.9,             # the value's discount
         "refine_frac": 0.15,      # share of steps that also give a SimRollout-format example (README)
+        "detour": 0.0,            # share of steps where the real env takes another plan's action (off-path states)
         "aggregator": "template",  # template | llm: a model writes the comparison between the plans
         "aggregator_model": "",   # the model for the llm aggregator / rollout / value ("": the one trained)
         "action_only": False,     # the ablation: train on the chosen action alone, no simulation
@@ -240,7 +241,7 @@ def traces(cfg, model, tok, device, rank, world, run):
     seeds = envs.split_seeds("train", rc["episodes"])[rank::world]
     records, stats = resim.collect(cfg["env"], cfg["env_kwargs"], seeds, act=act, value=value, aggregate=aggregate,
                                    tokenizer=tok, b=rc["b"], d=rc["d"], b_train=rc["b_train"],
-                                   plan_order=rc["plan_order"], refine_frac=rc["refine_frac"],
+                                   plan_order=rc["plan_order"], refine_frac=rc["refine_frac"], detour=rc["detour"],
                                    history_k=cfg["history_k"], system=cfg["system"], seed=cfg["seed"],
                                    progress=rank == 0)
     records = sorted(gather(records, world), key=lambda r: (r.seed, r.step))   # stable: a step's refine after it

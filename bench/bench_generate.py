@@ -6,13 +6,16 @@
   raw step one Hugging Face decode step at the run's mean cache length (batch / seconds)
   floor    the matrix products of one decode step alone, attention over the cache included (batch / seconds)
 
-    python bench/bench_generate.py                       # the main job's model (train.DEFAULTS' tiny shape)
+    python bench/bench_generate.py                       # the main job's model shape, untrained
+    python bench/bench_generate.py --models runs/resim_sokoban/model   # the main job's trained model
     python bench/bench_generate.py --models smollm2 --batches 32 --prompt 900 --new 64
 
 Prompts are real Sokoban prompts (about 80 tokens for the tiny model; --prompt N pads them to N tokens with
-more observations). The models are untrained, so no row meets the stop string "</action>": every row makes
---new tokens, and every implementation pays for checking the stop string as it would in a rollout. Weights in
-bfloat16, as generation runs in training and evaluation. Tokens/s = generated tokens / seconds, best of --repeats.
+more observations). An untrained model never meets the stop string "</action>": every row makes --new tokens
+(its prompt-lookup drafts are all rejected); a trained one writes real traces, which end at different lengths
+and copy much of the grid. Every implementation pays for checking the stop string as in a rollout. Weights in
+bfloat16, as generation runs in training and evaluation. Tokens/s = generated tokens / seconds, best of --repeats;
+"lean 1" is the lean step without drafts (engine.DRAFT = 0).
 """
 import argparse
 import importlib.util
@@ -29,6 +32,7 @@ from transformers import DynamicCache
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import agent  # noqa: E402
+import common  # noqa: E402
 import engine  # noqa: E402
 import envs  # noqa: E402
 import train  # noqa: E402
@@ -111,22 +115,26 @@ def before_generate(rev):
 def bench(name, args):
     kw = train.DEFAULTS["tiny"] if name == "tiny" else {}
     model, tok = agent.load_model(name, dtype=torch.bfloat16, **kw)
+    system = common.prompt_settings(name).get("system", name not in ("tiny",) and "model" not in name)
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
     print(f"\n{name} ({n_params:.1f}M parameters, bf16, {torch.get_num_threads()} threads), {args.new} new tokens/row")
-    print(f"{'batch':>6}{'prompt':>8} | {'lean':>7}{'HF fwd':>8}{'before':>8}{'HF gen':>8}{'raw step':>10}"
-          f"{'floor':>8}  tokens/s | lean / before")
+    print(f"{'batch':>6}{'prompt':>8} | {'lean':>7}{'lean 1':>8}{'HF fwd':>8}{'before':>8}{'HF gen':>8}"
+          f"{'raw step':>10}{'floor':>8}  tokens/s | lean / before")
     before = before_generate(args.before)
     stop = ("</action>",)
     for B in args.batches:
-        ids = prompts(tok, B, args.prompt, system=name != "tiny")
+        ids = prompts(tok, B, args.prompt, system=system)
         gen = dict(max_new_tokens=args.new, temperature=1.0, stop=stop, batch_size=B, seed=0)
         rate = {}
-        for label, fn, types in (("lean", engine.generate, ("llama", "qwen2")), ("hf", engine.generate, ()),
-                                 ("before", before, ())):
-            engine.LEAN_TYPES = types
+        draft = engine.DRAFT
+        for label, fn, types, k in (("lean", engine.generate, ("llama", "qwen2"), draft),
+                                    ("lean1", engine.generate, ("llama", "qwen2"), 0),
+                                    ("hf", engine.generate, (), 0), ("before", before, (), 0)):
+            engine.LEAN_TYPES, engine.DRAFT = types, k
             fn(model, tok, ids[:2], **dict(gen, max_new_tokens=4))                    # warm-up
             n = sum(len(g.token_ids) for g in fn(model, tok, ids, **gen))
             rate[label] = n / timed(lambda: fn(model, tok, ids, **gen), args.repeats)
+        engine.DRAFT = draft
         T = max(map(len, ids))
         x = torch.tensor([[tok.pad_token_id] * (T - len(p)) + p for p in ids])
         mask = (x != tok.pad_token_id).long()
@@ -134,13 +142,15 @@ def bench(name, args):
         hf = timed(lambda: model.generate(x, attention_mask=mask, max_new_tokens=args.new, do_sample=True, top_k=0,
                                           stop_strings=list(stop), tokenizer=tok, pad_token_id=tok.pad_token_id), 1)
         raw, floor = raw_step(model, ids, args.new), matmul_floor(model, B, T + args.new // 2)
-        print(f"{B:>6}{T:>8} | {rate['lean']:>7.0f}{rate['hf']:>8.0f}{rate['before']:>8.0f}{B * args.new / hf:>8.0f}"
+        print(f"{B:>6}{T:>8} | {rate['lean']:>7.0f}{rate['lean1']:>8.0f}{rate['hf']:>8.0f}{rate['before']:>8.0f}"
+              f"{B * args.new / hf:>8.0f}"
               f"{B / raw:>10.0f}{B / floor:>8.0f}          | {rate['lean'] / rate['before']:.2f}x")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=["tiny"], help="tiny (the main job's shape) and/or smollm2")
+    ap.add_argument("--models", nargs="+", default=["tiny"],
+                    help="tiny (the main job's shape, untrained), smollm2, or trained model directories")
     ap.add_argument("--batches", nargs="+", type=int, default=[32, 128])
     ap.add_argument("--prompt", type=int, default=0, help="pad prompts to at least this many tokens")
     ap.add_argument("--new", type=int, default=190, help="new tokens per row (a d=1 Sokoban trace is about 190)")

@@ -172,3 +172,12 @@ def test_llm_aggregator_never_changes_plans_states_or_action():
         if len(lines) != len(base_lines):     # at most one comparison line, right before "Best:"
             k = next(i for i, line in enumerate(lines) if line.startswith("Best:"))
             assert lines[:k - 1] + lines[k:] == base_lines
+
+
+def test_detours_visit_states_off_the_best_path_and_traces_stay_true():
+    recs, stats, _ = _collect(30, eps=0.6, b=4, d=1, b_train=2, detour=0.5)
+    off = [r for r in recs if r.kind == "resim" and r.prefix and
+           any(a != b for a, b in zip(r.prefix, [q.action for q in recs if q.seed == r.seed and q.kind == "resim"]))]
+    assert stats["solved"] >= 20 and off                  # some episodes left the best path and still got solved
+    checked, wrong = resim.verify(recs)                   # replaying the real prefix reproduces every state
+    assert checked and wrong == []

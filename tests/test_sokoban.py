@@ -300,3 +300,24 @@ def test_splits():
     e = make_env("ood")
     assert e.dim == (8, 8) and e.num_boxes == 2 and e.max_steps == 30
     assert make_env("id", max_steps=7).max_solution == 7
+
+
+def test_a_room_mixture_picks_the_room_by_seed():
+    env = make_env("train", rooms=[[6, 6, 1], [7, 7, 2]], max_steps=30)
+    for seed in range(6):
+        obs = env.reset(seed)
+        h, w, boxes = [(6, 6, 1), (7, 7, 2)][seed % 2]
+        lines = obs.split("\n")
+        assert len(lines) == h and all(len(x) == w for x in lines) and env.num_boxes == boxes
+        assert sum(c in "X√" for c in obs) == boxes and env.solution_length <= 30
+    with pytest.raises(ValueError, match="rooms"):
+        make_env("train", rooms=[[6, 6]])
+
+
+def test_train_rooms_change_the_train_split_only():
+    mix = [[8, 8, 1], [7, 7, 2]]
+    train = make_env("train", train_rooms=mix)
+    assert len(train.reset(0).split("\n")) == 8 and len(train.reset(1).split("\n")) == 7
+    held_out = make_env("id", train_rooms=mix)                 # ID stays 6x6 with one box
+    obs = held_out.reset(split_seeds("id", 1)[0])
+    assert len(obs.split("\n")) == 6 and held_out.num_boxes == 1
