@@ -226,7 +226,7 @@ def parse_response(text):
 def build_messages(env, history, obs, *, history_k=0, system=True, action_only=False):
     """Chat messages of the prompt. System = the env's rules + the output format (FORMAT_ACTION if
     action_only). User = the task, the last history_k (action, observation) pairs (-1: all), the current
-    observation and env.action_hint()."""
+    observation and env.action_hint(); just the observation when there is nothing else."""
     if history_k < -1:
         raise ValueError(f"history_k must be >= -1 (-1 = full history), got {history_k}")
     msgs = []
@@ -240,7 +240,8 @@ def build_messages(env, history, obs, *, history_k=0, system=True, action_only=F
     parts.append(f"Current observation:\n{obs}")
     if (hint := env.action_hint()):
         parts.append(hint)
-    msgs.append({"role": "user", "content": "\n\n".join(parts)})
+    # a prompt that would only be the observation is the observation: no label to pay for (Sokoban's default)
+    msgs.append({"role": "user", "content": "\n\n".join(parts) if len(parts) > 1 else obs})
     return msgs
 
 

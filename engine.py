@@ -36,7 +36,7 @@ class Generation:
 
 
 def generate(model, tokenizer, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, stop=("</action>",),
-             generator=None, seed=None, batch_size=128, prefill_group=8):
+             generator=None, seed=None, batch_size=256, prefill_group=8):
     """Sample a response for each prompt (text or token ids). A row ends on a stop string, on EOS or after
     max_new_tokens. Noise comes from `generator` (a torch.Generator the caller advances across calls, so no two
     calls share noise), else from a fresh one seeded with `seed`, else from torch's global generator.

@@ -271,3 +271,12 @@ def test_run_episodes_on_sokoban(tiny, monkeypatch):
     assert ep.success and ep.steps == 1 and ep.ret == pytest.approx(10.0)
     assert ep.turns[0].obs == "#####\n#PXO#\n#####" and ep.turns[0].valid
     assert sokoban.RULES.strip() in tok.decode(ep.turns[0].prompt_ids)
+
+
+def test_a_prompt_with_nothing_but_the_observation_is_the_observation(tiny):
+    import sokoban
+    _, tok = tiny
+    env = sokoban.make_env("id")
+    obs = env.reset(1_000_000)
+    assert agent.build_messages(env, [], obs, system=False) == [{"role": "user", "content": obs}]
+    assert "Current observation:" in agent.build_prompt(tok, env, [("Up", obs)], obs, history_k=1, system=False)
