@@ -48,8 +48,8 @@ DEFAULTS = {
     "env": "sokoban",             # sokoban | alfworld | android (envs.ENVS)
     "env_kwargs": {},             # the env's own options, given to its make_env (e.g. {max_steps: 10})
     "model": "tiny",              # stage 1's model: tiny | smollm2 | a save_pretrained directory | a hub id
-    "tiny": {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,  # the tiny model's shape
-             "num_key_value_heads": 4, "intermediate_size": 768},
+    "tiny": {"hidden_size": 192, "num_hidden_layers": 6, "num_attention_heads": 4,  # the tiny model's shape:
+             "num_key_value_heads": 1, "intermediate_size": 512},  # deep and narrow; one KV head decodes fastest
     "init_from": "",              # RL stages: the model to start from (default: runs/resim_<env>/model)
     "out_dir": "",                # the run directory (default: runs/<stage>_<env>)
     "seed": 0,                    # model init, data order, trees and sampling noise all derive from it
@@ -70,7 +70,7 @@ DEFAULTS = {
         "eps": 0.3,               # the expert's deviation probability
         "value": "expert",        # leaf value: expert (gamma ** steps-to-go) | mc (Appendix D.3) | llm
         "gamma": 0.9,             # the value's discount
-        "refine_frac": 0.15,      # share of steps that also give a SimRollout-format example (README)
+        "refine_frac": 0.05,      # share of steps that also give a SimRollout-format example (README)
         "detour": 0.0,            # share of steps where the real env takes another plan's action (off-path states)
         "aggregator": "template",  # template | llm: a model writes the comparison between the plans
         "aggregator_model": "",   # the model for the llm aggregator / rollout / value ("": the one trained)
