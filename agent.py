@@ -46,7 +46,8 @@ def byte_tokenizer():
 
 def tiny_model(tokenizer, seed=0, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
                num_key_value_heads=None, intermediate_size=768, max_position_embeddings=4096):
-    """Random-init Qwen2 (about 3.4M parameters with the defaults), seeded."""
+    """Random-init Qwen2 (about 3.4M parameters with the defaults), seeded. train.py passes DEFAULTS["tiny"]
+    (2.4M); these defaults serve `--model tiny` outside training and the tests."""
     cfg = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
                       num_attention_heads=num_attention_heads,
                       num_key_value_heads=num_key_value_heads or num_attention_heads,
