@@ -22,8 +22,6 @@ from transformers import DynamicCache
 # model families whose decoder layer LeanDecoder reproduces (DYNAMIND_LEAN=0: always Hugging Face's forward)
 LEAN_TYPES = () if os.environ.get("DYNAMIND_LEAN") == "0" else ("llama", "qwen2")
 COMPACT_AT = 0.75                 # lean: drop finished rows once they are a quarter of the batch (a copy)
-DRAFT = 0                         # lean: prompt-lookup draft tokens verified per step (0: one token a step)
-NGRAM = 2                         # a draft continues the last earlier occurrence of the final NGRAM tokens
 _SAID = set()                     # model types whose fallback was already reported
 
 
@@ -93,43 +91,6 @@ def _categorical(probs, gen):
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
 
 
-def _verify(lp, drafts, temperature, gen):
-    """Speculative sampling with deterministic drafts. lp [B, K+1, V]: log-probs after the fed token and after
-    each of the K drafts. Draft j is kept with probability p_j(draft) (greedy: when it is the argmax); at the
-    first rejection the token is drawn from p_j without the draft, renormalised; when all K are kept, from
-    p_K. Every emitted token then has exactly the distribution of one-token-at-a-time sampling.
-    Returns (accepted count [B], next token [B], its log-prob [B])."""
-    B, K = drafts.shape
-    if K:
-        lp_d = lp[:, :K].gather(-1, drafts[..., None]).squeeze(-1)
-        ok = lp[:, :K].argmax(-1) == drafts if temperature == 0 else \
-            torch.rand(B, K, generator=gen, device=lp.device) < lp_d.exp()
-        acc = ok.long().cumprod(1).sum(1)
-    else:
-        acc = torch.zeros(B, dtype=torch.long, device=lp.device)
-    rows = torch.arange(B, device=lp.device)
-    lp_next = lp[rows, acc]
-    probs = lp_next.exp()
-    rejected = (acc < K).nonzero().flatten()
-    if len(rejected):
-        probs[rejected, drafts[rejected, acc[rejected]]] = 0.0
-    tok = _draw(probs, temperature, gen)
-    return acc, tok, lp_next.gather(-1, tok[:, None]).squeeze(-1)
-
-
-def _lookup(ctx, clen, n, K, pad):
-    """Prompt-lookup drafts [B, K]: the K tokens that followed the last earlier occurrence of each row's final
-    n tokens in its own context (prompt + response so far: grids, JSON and screens are mostly copies)."""
-    B, L = ctx.shape
-    last = ctx.gather(1, (clen[:, None] - n + torch.arange(n, device=ctx.device)).clamp(min=0))
-    start = torch.arange(L - n + 1, device=ctx.device)
-    hit = (ctx.unfold(1, n, 1) == last[:, None, :]).all(-1) & (start[None, :] + n < clen[:, None])
-    best = torch.where(hit, start[None, :], -1).max(1).values
-    src = best[:, None] + n + torch.arange(K, device=ctx.device)
-    drafts = ctx.gather(1, src.clamp(max=L - 1))
-    return torch.where((best[:, None] >= 0) & (src < clen[:, None]), drafts, pad)
-
-
 def eos_ids(model, tokenizer):
     e = model.generation_config.eos_token_id
     e = set(e if isinstance(e, (list, tuple)) else [] if e is None else [e])
@@ -151,7 +112,7 @@ def stop_tokens(tokenizer, stop):
     return _STOP_TOKENS[key]
 
 
-# ---- decoders: step(tokens, positions, t) -> logits of the next token; select(rows) drops the other rows
+# ---- decoders: step(tokens, positions, cache columns) -> next-token logits; select(rows) keeps those rows
 
 class LeanDecoder:
     """A Llama / Qwen2 decode step over a KV cache preallocated once ([B, H_kv, T, D] per layer) and written in
@@ -197,27 +158,20 @@ class LeanDecoder:
             self.v[i][rows, :, start:start + n] = layer.values.to(self.v[i].dtype)
 
     def step(self, tokens, pos, cols):
-        """tokens [B, n] at RoPE positions pos + 0..n-1, written to cache columns cols + 0..n-1 (per row):
-        one token, or the last sampled token and n - 1 drafts. Returns their next-token logits [B, n, V]."""
-        (B, n), d, hkv, nq = tokens.shape, self.d, self.hkv, self.nq
-        j = torch.arange(n, device=tokens.device)
-        col, rows = cols[:, None] + j, torch.arange(B, device=tokens.device)[:, None].expand(B, n)
-        W = int(col.max()) + 1
-        self.mask[rows, col] = 0.0
-        causal = torch.arange(W, device=tokens.device)[None, None, :] <= col[:, :, None]
-        bias = torch.where(causal, self.mask[:, None, :W], -math.inf)[:, None, None]   # [B, 1, 1, n, W]
-        rot = self.rot[pos[:, None] + j][:, :, None, None]                            # [B, n, 1, 1, D/2]
+        """tokens [B] at RoPE positions pos, written to cache columns cols. Returns next-token logits [B, V]."""
+        B, d, hkv, nq = len(tokens), self.d, self.hkv, self.nq
+        rows, W = torch.arange(B, device=tokens.device), int(cols.max()) + 1
+        self.mask[rows, cols] = 0.0
+        bias = self.mask[:, None, None, :W]                                     # [B, 1, 1, W]: 0 where a key is real
+        rot = self.rot[pos][:, None, None]                                      # [B, 1, 1, D/2]
         x = self.base.embed_tokens(tokens)
         for i, layer in enumerate(self.base.layers):
-            qkv = F.linear(_rms_norm(x, layer.input_layernorm), *self.qkv[i]).float()   # [B, n, q + k + v]
-            q = _rope(qkv[..., :nq].reshape(B, n, hkv, -1, d), rot)                     # heads grouped by kv head
-            self.k[i][rows, :, col] = _rope(qkv[..., nq:nq + hkv * d].reshape(B, n, hkv, 1, d), rot)[..., 0, :]
-            self.v[i][rows, :, col] = qkv[..., nq + hkv * d:].reshape(B, n, hkv, d)
-            g = q.shape[3]
-            q = q.permute(0, 2, 3, 1, 4).reshape(B, hkv, g * n, d)
-            s = torch.matmul(q, self.k[i][:, :, :W].transpose(-1, -2)).view(B, hkv, g, n, W) * self.scale + bias
-            o = torch.matmul(s.softmax(-1).view(B, hkv, g * n, W), self.v[i][:, :, :W])
-            o = o.view(B, hkv, g, n, d).permute(0, 3, 1, 2, 4).reshape(B, n, nq).to(x.dtype)
+            qkv = F.linear(_rms_norm(x, layer.input_layernorm), *self.qkv[i]).float()   # [B, q + k + v]
+            q = _rope(qkv[:, :nq].view(B, hkv, -1, d), rot)                       # [B, H_kv, heads per kv head, D]
+            self.k[i][rows, :, cols] = _rope(qkv[:, nq:nq + hkv * d].view(B, hkv, 1, d), rot)[:, :, 0]
+            self.v[i][rows, :, cols] = qkv[:, nq + hkv * d:].view(B, hkv, d)
+            s = torch.matmul(q, self.k[i][:, :, :W].transpose(-1, -2)) * self.scale + bias
+            o = torch.matmul(s.softmax(-1), self.v[i][:, :, :W]).reshape(B, nq).to(x.dtype)
             a, mlp = layer.self_attn, layer.mlp
             x = x + F.linear(o, a.o_proj.weight, a.o_proj.bias)
             gate, up = F.linear(_rms_norm(x, layer.post_attention_layernorm), *self.gate_up[i]).chunk(2, dim=-1)
@@ -260,10 +214,9 @@ class HFDecoder:
         self.model, self.cache, self.mask = model, cache, mask
 
     def step(self, tokens, pos, cols):
-        """One token per row (no drafts: a DynamicCache cannot drop a row's rejected ones)."""
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(tokens), 1)], 1)
-        return self.model(input_ids=tokens, attention_mask=self.mask, position_ids=pos[:, None],
-                          cache=self.cache, use_cache=True).logits
+        return self.model(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=pos[:, None],
+                          cache=self.cache, use_cache=True).logits[:, -1]
 
     def select(self, rows):
         self.cache.batch_select_indices(rows)
@@ -324,78 +277,48 @@ def _prefill(model, ids, pad_id, group, length):
     return HFDecoder(model, DynamicCache(ddp_cache_data=merged, config=model.config), mask), logits
 
 
-class Rows:
-    """The responses of a batch as they grow: tokens, log-probs and why each row ended (None: still going)."""
-
-    def __init__(self, tokenizer, n, max_new, eos, stop):
-        self.tok, self.max_new, self.eos, self.stop = tokenizer, max_new, eos, stop
-        self.cand = set(stop_tokens(tokenizer, stop).tolist()) if stop else set()
-        self.window = 4 * max(map(len, stop), default=0) + 4   # tokens whose text surely holds a stop string
-        self.ids, self.lps, self.reason = [[] for _ in range(n)], [[] for _ in range(n)], [None] * n
-
-    def emit(self, r, tokens, logprobs):
-        """Append tokens to row r until one ends it (EOS kept, a completed stop string, the budget)."""
-        for t, lp in zip(tokens, logprobs):
-            self.ids[r].append(t)
-            self.lps[r].append(lp)
-            if t in self.eos:
-                self.reason[r] = "eos"
-            elif t in self.cand and any(s in _decode_batch(self.tok, [self.ids[r][-self.window:]])[0] for s in self.stop):
-                self.reason[r] = "stop"
-            elif len(self.ids[r]) == self.max_new:
-                self.reason[r] = "length"
-            if self.reason[r]:
-                return
-
-    def generations(self):
-        out = []
-        for ids, lps, why in zip(self.ids, self.lps, self.reason):
-            body = ids[:-1] if why == "eos" else ids
-            out.append(Generation(ids, lps, self.tok.decode(body), why or "length"))
-        return out
+def _stopped(tokenizer, tail, stop):
+    text = _decode_batch(tokenizer, [tail.tolist()])[0]
+    return any(x in text for x in stop)
 
 
 @torch.inference_mode()
 def _generate_batch(model, tokenizer, ids, max_new, temperature, top_p, stop, gen, prefill_group):
-    """Prefill, then steps that feed each row's last sampled token and, on the lean decoder, DRAFT
-    prompt-lookup drafts verified by speculative sampling (_verify): a step emits 1 to DRAFT + 1 tokens."""
+    """Prefill, then one token per row per step. The bookkeeping is tensor work: EOS by lookup, and only rows
+    whose newest token could complete a stop string get their tail decoded. A finished row stays in the batch
+    (its tokens past the end are never read) until finished rows are a quarter of it."""
     dev, B, T = model.device, len(ids), max(map(len, ids))
-    out = Rows(tokenizer, B, max_new, eos_ids(model, tokenizer), stop)
-    dec, logits = _prefill(model, ids, tokenizer.pad_token_id, prefill_group, T + max_new + DRAFT + 1)
-    K = DRAFT if isinstance(dec, LeanDecoder) else 0
-    nxt, lp = _sample(logits, temperature, top_p, gen)
-    for r, (t, l) in enumerate(zip(nxt.tolist(), lp.tolist())):
-        out.emit(r, [t], [l])
-    orig = torch.arange(B, device=dev)                     # the original row of each decoder row
-    pos = torch.tensor([len(p) for p in ids], device=dev)  # RoPE position of the token fed next
-    cols = torch.full((B,), T, device=dev)                 # cache column it is written to
-    ctx = torch.full((B, T + max_new + 1), -1, dtype=torch.long, device=dev)   # prompt + response: drafts' source
-    for r, p in enumerate(ids):
-        ctx[r, :len(p)] = torch.tensor(p)
-    ctx[torch.arange(B), pos] = nxt
-    clen = pos + 1
-    while True:
-        live = torch.tensor([out.reason[r] is None for r in orig.tolist()], device=dev)
-        if not live.any():
+    dec, logits = _prefill(model, ids, tokenizer.pad_token_id, prefill_group, T + max_new)
+    eos = torch.tensor(sorted(eos_ids(model, tokenizer)), dtype=torch.long, device=dev)
+    cand = stop_tokens(tokenizer, stop).to(dev) if stop else eos[:0]
+    window = 4 * max(map(len, stop), default=0) + 4          # tokens whose text surely holds a stop string
+    toks = torch.zeros(B, max_new, dtype=torch.long, device=dev)
+    lps = torch.zeros(B, max_new, device=dev)
+    length, reason = [max_new] * B, ["length"] * B
+    orig = torch.arange(B, device=dev)                       # the original row of each decoder row
+    pos = torch.tensor([len(p) for p in ids], device=dev)    # RoPE position of the token fed next
+    cols = torch.full((B,), T, device=dev)                   # the cache column it is written to
+    live = torch.ones(B, dtype=torch.bool, device=dev)       # per decoder row
+    at = COMPACT_AT if isinstance(dec, LeanDecoder) else 1.0  # HF's cache is copied every step anyway
+    for t in range(max_new):
+        nxt, lp = _sample(logits, temperature, top_p, gen)
+        toks[orig, t], lps[orig, t] = nxt, lp
+        done = dict.fromkeys((live & torch.isin(nxt, eos)).nonzero().flatten().tolist(), "eos")
+        for j in (live & torch.isin(nxt, cand)).nonzero().flatten().tolist():
+            if j not in done and _stopped(tokenizer, toks[orig[j], max(0, t + 1 - window):t + 1], stop):
+                done[j] = "stop"
+        for j, why in done.items():
+            length[int(orig[j])], reason[int(orig[j])] = t + 1, why
+        live[list(done)] = False
+        n_live = int(live.sum())
+        if n_live == 0 or t + 1 == max_new:
             break
-        at = COMPACT_AT if isinstance(dec, LeanDecoder) else 1.0   # HF's cache is copied every step anyway
-        if not live.all() and live.sum() <= at * len(live):      # drop finished rows from the batch
+        if n_live < len(live) and n_live <= at * len(live):    # drop finished rows from the batch (a copy)
             keep = live.nonzero().flatten()
             dec.select(keep)
-            orig, nxt, pos, cols, ctx, clen = orig[keep], nxt[keep], pos[keep], cols[keep], ctx[keep], clen[keep]
-        drafts = _lookup(ctx, clen, NGRAM, K, pad=0)
-        logits = dec.step(torch.cat([nxt[:, None], drafts], 1), pos, cols)
-        acc, nxt, lp_next = _verify(_logprobs(logits, temperature, top_p), drafts, temperature, gen)
-        lp_d = _logprobs(logits[:, :K], temperature, top_p).gather(-1, drafts[..., None]).squeeze(-1) if K else drafts
-        for j, r in enumerate(orig.tolist()):
-            if out.reason[r] is None:
-                a = int(acc[j])
-                out.emit(r, drafts[j, :a].tolist() + [int(nxt[j])], lp_d[j, :a].tolist() + [float(lp_next[j])])
-        c = torch.arange(K + 1, device=dev)[None, :]                      # the kept drafts, then the new token
-        emitted = torch.where(c < acc[:, None], torch.cat([drafts, nxt[:, None]], 1), nxt[:, None])
-        where = (clen[:, None] + c).clamp(max=ctx.shape[1] - 1)
-        ctx.scatter_(1, where, torch.where(c <= acc[:, None], emitted, ctx.gather(1, where)))
-        alive = torch.tensor([out.reason[r] is None for r in orig.tolist()], device=dev)
-        step = (acc + 1) * alive              # finished rows stay put until they are dropped
-        clen, pos, cols = clen + step, pos + step, cols + step
-    return out.generations()
+            orig, nxt, pos, cols, live = orig[keep], nxt[keep], pos[keep], cols[keep], live[keep]
+        logits = dec.step(nxt, pos, cols)
+        pos, cols = pos + 1, cols + 1
+    toks, lps = toks.tolist(), lps.tolist()
+    return [Generation(toks[r][:n], lps[r][:n], tokenizer.decode(toks[r][:n - (why == "eos")]), why)
+            for r, (n, why) in enumerate(zip(length, reason))]

@@ -19,11 +19,14 @@ class Sample:
     advantage: float = 1.0  # the episode's advantage, A_refine, or 1 for SFT
 
 
-def response_logprobs(model, prompt_ids, response_ids, pad_id, *, temperature=1.0):
+def response_logprobs(model, prompt_ids, response_ids, pad_id, *, temperature=1.0, pad_to=1):
     """log p(response token | prompt + earlier response tokens) for a right-padded batch; keeps grad.
 
     Returns (logp [B, L], mask [B, L]). `temperature` divides the logits, as veRL does, so the log-probs are
-    those of the distribution the sampler drew from (its temperature).
+    those of the distribution the sampler drew from (its temperature). pad_to > 1: the batch is padded up to a
+    length T that is a multiple of it, and L = T (a compiled model then meets one shape per length bucket).
+    Right padding needs no attention mask: a real token attends only to earlier positions, all real, so the
+    plain causal forward gives the same log-probs, and it is the faster path (no [B, T, T] mask).
     """
     if len(prompt_ids) != len(response_ids):
         raise ValueError(f"prompt_ids has {len(prompt_ids)} rows but response_ids has {len(response_ids)}")
@@ -33,24 +36,23 @@ def response_logprobs(model, prompt_ids, response_ids, pad_id, *, temperature=1.
     B = len(prompt_ids)
     P = [len(p) for p in prompt_ids]
     R = [len(r) for r in response_ids]
-    T, L = max(p + r for p, r in zip(P, R)), max(R)
+    if max(R) == 0:  # nothing to score
+        return torch.zeros(B, 0, device=device), torch.zeros(B, 0, device=device)
+    T = -(-max(p + r for p, r in zip(P, R)) // pad_to) * pad_to
+    L = T if pad_to > 1 else max(R)   # padded: one shape per length bucket
     ids = torch.full((B, T), pad_id, dtype=torch.long)
-    attn = torch.zeros(B, T, dtype=torch.long)
     resp = torch.full((B, L), pad_id, dtype=torch.long)
     mask = torch.zeros(B, L)
     for b, (p, r) in enumerate(zip(prompt_ids, response_ids)):
         ids[b, : P[b] + R[b]] = torch.tensor(list(p) + list(r), dtype=torch.long)
-        attn[b, : P[b] + R[b]] = 1
         resp[b, : R[b]] = torch.tensor(list(r), dtype=torch.long)
         mask[b, : R[b]] = 1
-    ids, attn, resp, mask = ids.to(device), attn.to(device), resp.to(device), mask.to(device)
-    if L == 0:  # nothing to score
-        return torch.zeros(B, 0, device=device), mask
+    ids, resp, mask = ids.to(device), resp.to(device), mask.to(device)
     # Response token j of row b is predicted by the hidden state at position P[b]-1+j. Passing these positions
     # as logits_to_keep projects only B x L states onto the vocab, never the B x T x V prompt logits.
     pos = torch.tensor(P).unsqueeze(1) - 1 + torch.arange(L).unsqueeze(0)
     pos = pos.clamp(max=T - 1).to(device)  # padded slots point at any valid position; masked out below
-    logits = model(input_ids=ids, attention_mask=attn, logits_to_keep=pos, use_cache=False).logits
+    logits = model(input_ids=ids, logits_to_keep=pos, use_cache=False).logits
     logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)  # fp32: bf16 log-probs are too coarse
     return logprobs.gather(-1, resp.unsqueeze(-1)).squeeze(-1) * mask, mask  # padded slots are exactly 0
 

@@ -12,10 +12,8 @@
 
 Prompts are real Sokoban prompts (about 80 tokens for the tiny model; --prompt N pads them to N tokens with
 more observations). An untrained model never meets the stop string "</action>": every row makes --new tokens
-(its prompt-lookup drafts are all rejected); a trained one writes real traces, which end at different lengths
-and copy much of the grid. Every implementation pays for checking the stop string as in a rollout. Weights in
-bfloat16, as generation runs in training and evaluation. Tokens/s = generated tokens / seconds, best of --repeats;
-"lean 1" is the lean step without drafts (engine.DRAFT = 0).
+; a trained one writes real traces, which end at different lengths. Every implementation pays for checking the stop string as in a rollout. Weights in
+bfloat16, as generation runs in training and evaluation. Tokens/s = generated tokens / seconds, best of --repeats.
 """
 import argparse
 import importlib.util
@@ -118,7 +116,7 @@ def bench(name, args):
     system = common.prompt_settings(name).get("system", name not in ("tiny",) and "model" not in name)
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
     print(f"\n{name} ({n_params:.1f}M parameters, bf16, {torch.get_num_threads()} threads), {args.new} new tokens/row")
-    print(f"{'batch':>6}{'prompt':>8} | {'lean':>7}{'lean 1':>8}{'HF fwd':>8}{'before':>8}{'HF gen':>8}"
+    print(f"{'batch':>6}{'prompt':>8} | {'lean':>7}{'HF fwd':>8}{'before':>8}{'HF gen':>8}"
           f"{'raw step':>10}{'floor':>8}  tokens/s | lean / before")
     before = before_generate(args.before)
     stop = ("</action>",)
@@ -126,15 +124,12 @@ def bench(name, args):
         ids = prompts(tok, B, args.prompt, system=system)
         gen = dict(max_new_tokens=args.new, temperature=1.0, stop=stop, batch_size=B, seed=0)
         rate = {}
-        draft = engine.DRAFT
-        for label, fn, types, k in (("lean", engine.generate, ("llama", "qwen2"), draft),
-                                    ("lean1", engine.generate, ("llama", "qwen2"), 0),
-                                    ("hf", engine.generate, (), 0), ("before", before, (), 0)):
-            engine.LEAN_TYPES, engine.DRAFT = types, k
+        for label, fn, types in (("lean", engine.generate, ("llama", "qwen2")), ("hf", engine.generate, ()),
+                                 ("before", before, ())):
+            engine.LEAN_TYPES = types
             fn(model, tok, ids[:2], **dict(gen, max_new_tokens=4))                    # warm-up
             n = sum(len(g.token_ids) for g in fn(model, tok, ids, **gen))
             rate[label] = n / timed(lambda: fn(model, tok, ids, **gen), args.repeats)
-        engine.DRAFT = draft
         T = max(map(len, ids))
         x = torch.tensor([[tok.pad_token_id] * (T - len(p)) + p for p in ids])
         mask = (x != tok.pad_token_id).long()
@@ -142,7 +137,7 @@ def bench(name, args):
         hf = timed(lambda: model.generate(x, attention_mask=mask, max_new_tokens=args.new, do_sample=True, top_k=0,
                                           stop_strings=list(stop), tokenizer=tok, pad_token_id=tok.pad_token_id), 1)
         raw, floor = raw_step(model, ids, args.new), matmul_floor(model, B, T + args.new // 2)
-        print(f"{B:>6}{T:>8} | {rate['lean']:>7.0f}{rate['lean1']:>8.0f}{rate['hf']:>8.0f}{rate['before']:>8.0f}"
+        print(f"{B:>6}{T:>8} | {rate['lean']:>7.0f}{rate['hf']:>8.0f}{rate['before']:>8.0f}"
               f"{B * args.new / hf:>8.0f}"
               f"{B / raw:>10.0f}{B / floor:>8.0f}          | {rate['lean'] / rate['before']:.2f}x")
 

@@ -213,6 +213,19 @@ def test_response_logprobs_matches_per_sequence_forward(tiny):
                 assert torch.equal(logp[b, len(r):], torch.zeros(6 - len(r)))
 
 
+def test_response_logprobs_pad_to_changes_only_the_padding(tiny):
+    """Lengths padded up to a multiple of pad_to (the compiled SFT forward's few shapes): every real log-prob is
+    the unpadded one, with either attention implementation (right padding needs no mask)."""
+    with torch.no_grad():
+        ref, _ = grpo.response_logprobs(tiny, PROMPTS, RESPONSES, pad_id=0)
+        for impl in ("eager", "sdpa"):
+            tiny.set_attn_implementation(impl)
+            logp, mask = grpo.response_logprobs(tiny, PROMPTS, RESPONSES, pad_id=0, pad_to=8)
+            assert logp.shape == mask.shape == (4, 8) and mask[:, 6:].sum() == 0            # T = 7 -> 8 = L
+            assert torch.allclose(logp[:, :6], ref, atol=1e-5) and torch.equal(logp[:, 6:], torch.zeros(4, 2))
+        tiny.set_attn_implementation("sdpa")
+
+
 def test_response_logprobs_has_grad_and_validates(tiny):
     logp, mask = grpo.response_logprobs(tiny, PROMPTS[:2], RESPONSES[:2], pad_id=0)
     assert logp.requires_grad

@@ -48,6 +48,7 @@ def test_every_config_key_is_documented_where_it_is_defined():
     (["nonsense=1"], "unknown key"),
     (["env=chess"], "unknown env 'chess'"),
     (["env_kwargs={colour: red}"], "unknown sokoban option"),
+    (["attn=flash"], "attn must be eager or sdpa"),
 ])
 def test_cli_config_error_is_one_clear_message(args, match):
     with pytest.raises(SystemExit, match=f"config error: .*{match}"):
@@ -59,6 +60,33 @@ def test_unwritable_run_directory_fails_before_training(tmp_path):
     blocker.write_text("x")
     with pytest.raises(SystemExit, match="not writable"):
         train.main(["--stage", "resim", f"out_dir={blocker}/run"] + TINY)
+
+
+# ---- the SFT update and the evaluation ----------------------------------------------------------------------
+
+class Sched:
+    def step(self):
+        pass
+
+    def get_last_lr(self):
+        return [0.0]
+
+
+@pytest.mark.slow   # compiling takes about 30 s
+def test_the_compiled_sft_step_equals_the_plain_one():
+    """sft.compile: the compiled forward (eager attention, lengths padded up to pad_to) gives the plain step's
+    loss and gradient."""
+    model, tok = agent.load_model("tiny", dtype=torch.float32, **SMALL)
+    batch = _samples(tok, [1.0] * 4)
+    sc = dict(train.DEFAULTS["sft"], micro_batch=2, pad_to=16)
+    out = []
+    for fwd in (None, train.compiled(copy.deepcopy(model))):
+        net = model if fwd is None else fwd._orig_mod
+        rec = Recorder(net)
+        st = train.sft_step(net, rec, Sched(), batch, 0, sc, False, 1, fwd)
+        out.append((st["loss"], rec.grads))
+    (a, ga), (b, gb) = out
+    assert abs(a - b) < 1e-5 * abs(a) and all(torch.allclose(x, y, atol=1e-5) for x, y in zip(ga, gb))
 
 
 # ---- the RL update ----------------------------------------------------------------------------------------
