@@ -87,8 +87,9 @@ DEFAULTS = {
         "warmup": 0.05,           # share of steps of linear warm-up, then cosine decay to 0
         "weight_decay": 0.0,      # AdamW's decoupled weight decay
         "grad_clip": 1.0,         # max gradient norm
-        "compile": False,         # torch.compile the forward (train.compiled): 25% faster steps, but ~90 s to
-        "pad_to": 128,            # compile 2 lengths (padded up to pad_to) eat that in a 15-minute main job
+        "compile": False,         # torch.compile the SFT forward (train.compiled; not with FSDP): 25% faster steps,
+                                  # but compiling 2 lengths (~90 s) eats that in a 15-minute main job
+        "pad_to": 128,            # with compile: lengths padded up to a multiple of this (few shapes to compile)
     },
     "rl": {                       # stage 2: GRPO / RLOO / Dyna-GRPO (train.stage_rl)
         "steps": 12,              # RL steps; each takes one optimiser step (two in a simulation step)

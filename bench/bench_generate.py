@@ -11,9 +11,9 @@
     python bench/bench_generate.py --models smollm2 --batches 32 --prompt 900 --new 64
 
 Prompts are real Sokoban prompts (about 80 tokens for the tiny model; --prompt N pads them to N tokens with
-more observations). An untrained model never meets the stop string "</action>": every row makes --new tokens
-; a trained one writes real traces, which end at different lengths. Every implementation pays for checking the stop string as in a rollout. Weights in
-bfloat16, as generation runs in training and evaluation. Tokens/s = generated tokens / seconds, best of --repeats.
+more observations). An untrained model never meets the stop string "</action>": every row makes --new tokens;
+a trained one writes real traces, which end at different lengths. Every implementation pays for checking the
+stop string as in a rollout. Weights in bfloat16, as generation runs in training and evaluation. Tokens/s = generated tokens / seconds, best of --repeats.
 """
 import argparse
 import importlib.util
