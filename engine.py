@@ -290,7 +290,7 @@ def _generate_batch(model, tokenizer, ids, max_new, temperature, top_p, stop, ge
     dev, B, T = model.device, len(ids), max(map(len, ids))
     dec, logits = _prefill(model, ids, tokenizer.pad_token_id, prefill_group, T + max_new)
     eos = torch.tensor(sorted(eos_ids(model, tokenizer)), dtype=torch.long, device=dev)
-    cand = stop_tokens(tokenizer, stop).to(dev) if stop else eos[:0]
+    cand = stop_tokens(tokenizer, stop).to(dev) if stop else torch.empty(0, dtype=torch.long, device=dev)
     window = 4 * max(map(len, stop), default=0) + 4          # tokens whose text surely holds a stop string
     toks = torch.zeros(B, max_new, dtype=torch.long, device=dev)
     lps = torch.zeros(B, max_new, device=dev)

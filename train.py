@@ -287,8 +287,8 @@ def compiled(model):
 def stage_resim(cfg, rank, world, device, run):
     from transformers import get_cosine_schedule_with_warmup
     torch.manual_seed(cfg["seed"])
-    model, tok = agent.load_model(cfg["model"], device=device, **(cfg["tiny"] if cfg["model"] == "tiny" else {}))
-    model.set_attn_implementation(cfg["attn"])
+    model, tok = agent.load_model(cfg["model"], device=device, attn=cfg["attn"],
+                                  **(cfg["tiny"] if cfg["model"] == "tiny" else {}))
     model = common.shard(model, cfg, world)
     samples = resim.samples(tok, traces(cfg, model, tok, device, rank, world, run), cfg["resim"]["action_only"])
     sc = cfg["sft"]
@@ -367,9 +367,7 @@ def load_init(cfg, device):
         if k in ("history_k", "system") and v != cfg[k]:
             print(f"note: using the checkpoint's {k}={v} (config had {cfg[k]})")
             cfg[k] = v
-    model, tok = agent.load_model(init, device=device)
-    model.set_attn_implementation(cfg["attn"])
-    return model, tok
+    return agent.load_model(init, device=device, attn=cfg["attn"])
 
 
 def stage_rl(stage, cfg, rank, world, device, run):
