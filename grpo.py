@@ -99,6 +99,31 @@ def rloo_advantages(rewards, group_ids):
     return adv.float()
 
 
+TURN_WEIGHTS = ("episode", "turn")
+
+
+def episode_samples(episodes, advantages, turn_weight="episode", refine=False):
+    """One Sample per turn, carrying its episode's advantage (refine: the turn's s_ref prompt, for tau'_refine).
+
+    turn_weight "episode": each turn's advantage is scaled by (mean turns) / (its episode's turns), so every
+    episode weighs the same however many turns it took: the paper's 1/(G*T) sum over trajectories and turns,
+    read with T as each trajectory's own length. "turn": every turn weighs the same, so a failed episode (run to
+    the step cap) outweighs a short success, and since a group's advantages sum to 0 the batch then pushes every
+    token it shares (the format) down: on the main job's model, -0.36 per token (README, "RL that collapses").
+    The scale is exact for the clipped loss too: max(-wAr, -wA clip(r)) = w max(-Ar, -A clip(r)) for w > 0."""
+    if turn_weight not in TURN_WEIGHTS:
+        raise ValueError(f"unknown turn_weight {turn_weight!r}: use one of {TURN_WEIGHTS}")
+    if len(episodes) != len(advantages):
+        raise ValueError(f"{len(episodes)} episodes but {len(advantages)} advantages")
+    mean_turns = sum(len(ep.turns) for ep in episodes) / max(1, len(episodes))
+    out = []
+    for ep, a in zip(episodes, advantages):
+        w = mean_turns / len(ep.turns) if turn_weight == "episode" and ep.turns else 1.0
+        out += [Sample(t.refine_prompt_ids if refine else t.prompt_ids, t.response_ids, float(a) * w)
+                for t in ep.turns]
+    return out
+
+
 def a_refine(ret_refine, success_refine, mean_plain, mean_sim):
     """Paper's binary refinement advantage: 1 iff the refined episode succeeded AND beat both group means
     (R̄ of the G/2 plain rollouts, R̄_refine of the G/2 SimRollouts); a tie is not an improvement."""

@@ -101,6 +101,7 @@ DEFAULTS = {
         "clip_low": 0.2,          # ratio clip: [1 - clip_low, 1 + clip_high] (DAPO's asymmetric clip)
         "clip_high": 0.28,        # (clip_high > clip_low lets unlikely good tokens grow faster)
         "beta": 0.0,              # k3 KL to the initial policy (0: no reference model)
+        "turn_weight": "episode",  # episode: every episode weighs the same | turn: every turn (grpo.episode_samples)
         "agg": "token-mean",      # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm (Dr. GRPO)
         "temperature": 1.0,       # sampling temperature; the update's log-probs use it too (as veRL)
         "n_T": 1,                 # Dyna-GRPO: simulation-improvement steps per iteration
@@ -339,7 +340,7 @@ def policy_phase(stage, policy, tok, tasks, cfg, seed_of, returns):
                              system=cfg["system"])
     adv_fn = grpo.rloo_advantages if stage == "rloo" else grpo.group_advantages
     adv = adv_fn(torch.tensor([returns(ep) for ep in eps]), [ep.seed for ep in eps])
-    return eps, [[grpo.Sample(t.prompt_ids, t.response_ids, float(a)) for ep, a in zip(eps, adv) for t in ep.turns]], {}
+    return eps, [grpo.episode_samples(eps, adv.tolist(), rc["turn_weight"])], {}
 
 
 def simulation_phase(policy, tok, tasks, cfg, seed_of, returns):
@@ -350,7 +351,7 @@ def simulation_phase(policy, tok, tasks, cfg, seed_of, returns):
     kw = dict(gen_kwargs=gen_kwargs(cfg), history_k=cfg["history_k"], system=cfg["system"])
     sim = simrollout.simrollout(policy, tok, [make() for _ in seeds], seeds, seed=seed_of("sim"), d=rc["sim_depth"], **kw)
     plain = agent.run_episodes(policy, tok, [make() for _ in seeds], seeds, seed=seed_of("plain"), **kw)
-    group, refine, extra = simrollout.simulation_samples(plain, sim, returns)
+    group, refine, extra = simrollout.simulation_samples(plain, sim, returns, rc["turn_weight"])
     return plain + sim, [group, refine], extra
 
 
@@ -372,6 +373,8 @@ def load_init(cfg, device):
 
 def stage_rl(stage, cfg, rank, world, device, run):
     rc = cfg["rl"]
+    if rc["turn_weight"] not in grpo.TURN_WEIGHTS:
+        raise ValueError(f"rl.turn_weight must be one of {grpo.TURN_WEIGHTS}, got {rc['turn_weight']!r}")
     if rc["fail_return"] not in ("paper", "cap"):
         raise ValueError(f"rl.fail_return must be paper or cap, got {rc['fail_return']!r}")
     model, tok = load_init(cfg, device)

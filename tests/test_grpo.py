@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+import agent
 import grpo
 
 EPS = 1e-6
@@ -251,3 +252,26 @@ def test_one_step_raises_logprob_of_positive_response(tiny):
         new, _ = grpo.response_logprobs(model, prompts, responses, pad_id=0)
     assert new[0].sum() > old[0].sum() + 1e-3
     assert new[1].sum() < old[1].sum() - 1e-3
+
+
+def _episode(turns, success, seed=0):
+    ts = [agent.Turn([1, 2], [3] * 5, "", "", "Up", True, i == turns - 1, success and i == turns - 1)
+          for i in range(turns)]
+    return agent.Episode("sokoban", seed, ts, success, 20)
+
+
+def test_episode_weighting_leaves_no_net_push_on_shared_tokens():
+    """A group's advantages sum to 0; with a short success and a long failure, weighting every turn the same
+    pushes the tokens all responses share down (the collapse README shows); weighting every episode the same
+    does not, and keeps the batch's total weight."""
+    eps = [_episode(2, True), _episode(20, False), _episode(3, True), _episode(20, False)]
+    adv = grpo.group_advantages([agent.episode_return(e.steps, e.success) for e in eps], [0] * 4).tolist()
+    net = lambda ss: sum(s.advantage * len(s.response_ids) for s in ss)   # noqa: E731
+    by_turn, by_episode = grpo.episode_samples(eps, adv, "turn"), grpo.episode_samples(eps, adv, "episode")
+    assert net(by_turn) < -20
+    assert abs(net(by_episode)) < 1e-9
+    assert len(by_episode) == 45 and by_episode[0].prompt_ids == [1, 2]
+    w = [s.advantage / a for s, a in zip(by_episode, [a for e, a in zip(eps, adv) for _ in e.turns])]
+    assert sum(w) == pytest.approx(45)                                      # total weight unchanged
+    with pytest.raises(ValueError, match="turn_weight"):
+        grpo.episode_samples(eps, adv, "trajectory")
