@@ -102,20 +102,22 @@ def rloo_advantages(rewards, group_ids):
 TURN_WEIGHTS = ("episode", "turn")
 
 
-def episode_samples(episodes, advantages, turn_weight="episode", refine=False):
+def episode_samples(episodes, advantages, turn_weight="episode", refine=False, mean_turns=None):
     """One Sample per turn, carrying its episode's advantage (refine: the turn's s_ref prompt, for tau'_refine).
 
     turn_weight "episode": each turn's advantage is scaled by (mean turns) / (its episode's turns), so every
     episode weighs the same however many turns it took: the paper's 1/(G*T) sum over trajectories and turns,
     read with T as each trajectory's own length. "turn": every turn weighs the same, so a failed episode (run to
     the step cap) outweighs a short success, and since a group's advantages sum to 0 the batch then pushes every
-    token it shares (the format) down: on the main job's model, -0.36 per token (README, "RL that collapses").
-    The scale is exact for the clipped loss too: max(-wAr, -wA clip(r)) = w max(-Ar, -A clip(r)) for w > 0."""
+    token it shares (the format) down: -0.35 per response token on the main job's model (README, Decisions).
+    The scale is exact for the clipped loss too: max(-wAr, -wA clip(r)) = w max(-Ar, -A clip(r)) for w > 0.
+    mean_turns: the whole batch's over all ranks (default: these episodes'), so rank count changes nothing."""
     if turn_weight not in TURN_WEIGHTS:
         raise ValueError(f"unknown turn_weight {turn_weight!r}: use one of {TURN_WEIGHTS}")
     if len(episodes) != len(advantages):
         raise ValueError(f"{len(episodes)} episodes but {len(advantages)} advantages")
-    mean_turns = sum(len(ep.turns) for ep in episodes) / max(1, len(episodes))
+    if mean_turns is None:
+        mean_turns = sum(len(ep.turns) for ep in episodes) / max(1, len(episodes))
     out = []
     for ep, a in zip(episodes, advantages):
         w = mean_turns / len(ep.turns) if turn_weight == "episode" and ep.turns else 1.0

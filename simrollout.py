@@ -83,12 +83,12 @@ def simrollout(model, tokenizer, envs, seeds, *, gen_kwargs, seed=0, d=5, histor
             for env, s, ts in zip(envs, seeds, turns)]
 
 
-def simulation_samples(plain, sim, returns, turn_weight="episode"):
+def simulation_samples(plain, sim, returns, turn_weight="episode", mean_turns=None):
     """Phase (A)'s two batches. tau U tau': plain rollouts and SimRollouts of a task form one GRPO group (every
     turn a sample with its episode's advantage; tau' pairs a_ref with the plain prompt s_t). tau'_refine: the
     same a_ref under s_ref, with the binary A_refine = 1[success and R > max(mean R_tau, mean R_tau')].
-    `returns(episode)` is the return the RL stage trains on; turn_weight (grpo.episode_samples) weighs the
-    group's turns; A_refine stays the paper's binary value on every turn. Returns (group samples, refine
+    `returns(episode)` is the return the RL stage trains on; turn_weight and mean_turns (grpo.episode_samples)
+    weigh the group's turns; A_refine stays the paper's binary value on every turn. Returns (group samples, refine
     samples, stats)."""
     group = plain + sim
     R = [returns(ep) for ep in group]
@@ -97,7 +97,7 @@ def simulation_samples(plain, sim, returns, turn_weight="episode"):
     mean = lambda rs, eps, s: float(np.mean([r for r, e in zip(rs, eps) if e.seed == s]))   # noqa: E731
     a_ref = [grpo.a_refine(r, ep.success, mean(r_plain, plain, ep.seed), mean(r_sim, sim, ep.seed))
              for r, ep in zip(r_sim, sim)]
-    group_samples = grpo.episode_samples(group, adv.tolist(), turn_weight)
+    group_samples = grpo.episode_samples(group, adv.tolist(), turn_weight, mean_turns=mean_turns)
     refine_samples = grpo.episode_samples(sim, a_ref, "turn", refine=True)   # binary, never negative: no drift
     stats = dict(a_refine_mean=float(np.mean(a_ref)) if a_ref else 0.0,
                  simrollout_success=float(np.mean([ep.success for ep in sim])) if sim else 0.0)

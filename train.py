@@ -340,7 +340,7 @@ def policy_phase(stage, policy, tok, tasks, cfg, seed_of, returns):
                              system=cfg["system"])
     adv_fn = grpo.rloo_advantages if stage == "rloo" else grpo.group_advantages
     adv = adv_fn(torch.tensor([returns(ep) for ep in eps]), [ep.seed for ep in eps])
-    return eps, [grpo.episode_samples(eps, adv.tolist(), rc["turn_weight"])], {}
+    return eps, [grpo.episode_samples(eps, adv.tolist(), rc["turn_weight"], mean_turns=mean_turns(eps))], {}
 
 
 def simulation_phase(policy, tok, tasks, cfg, seed_of, returns):
@@ -351,8 +351,15 @@ def simulation_phase(policy, tok, tasks, cfg, seed_of, returns):
     kw = dict(gen_kwargs=gen_kwargs(cfg), history_k=cfg["history_k"], system=cfg["system"])
     sim = simrollout.simrollout(policy, tok, [make() for _ in seeds], seeds, seed=seed_of("sim"), d=rc["sim_depth"], **kw)
     plain = agent.run_episodes(policy, tok, [make() for _ in seeds], seeds, seed=seed_of("plain"), **kw)
-    group, refine, extra = simrollout.simulation_samples(plain, sim, returns, rc["turn_weight"])
+    group, refine, extra = simrollout.simulation_samples(plain, sim, returns, rc["turn_weight"],
+                                                         mean_turns(plain + sim))
     return plain + sim, [group, refine], extra
+
+
+def mean_turns(eps):
+    """Turns per episode over every rank's episodes of this step (grpo.episode_samples' weights)."""
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    return allsum(sum(len(ep.turns) for ep in eps), world) / max(1, allsum(len(eps), world))
 
 
 def gen_kwargs(cfg):

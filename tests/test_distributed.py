@@ -124,3 +124,20 @@ def test_rl_update_is_the_same_over_one_or_two_ranks(tmp_path):
             got.append(torch.load(out))
         for k in got[0]:
             assert torch.allclose(got[0][k], got[1][k], atol=1e-6), (agg, k)
+
+
+def _rank_mean_turns(rank, world, store, out):
+    import agent
+    import train
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    turn = agent.Turn([1], [2], "", "", "Up", True, False, False)
+    eps = [agent.Episode("sokoban", 0, [turn] * n, False, 20) for n in ([2, 4] if rank == 0 else [20])]
+    torch.save(train.mean_turns(eps), out / f"{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_turn_weights_use_the_mean_over_every_rank(tmp_path):
+    """grpo.episode_samples scales by the mean turns of the whole step, not of one rank's episodes."""
+    import torch.multiprocessing as mp
+    mp.spawn(_rank_mean_turns, args=(2, tmp_path / "store", tmp_path), nprocs=2)
+    assert torch.load(tmp_path / "0.pt") == torch.load(tmp_path / "1.pt") == pytest.approx(26 / 3)
