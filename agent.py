@@ -1,6 +1,6 @@
 """The LLM agent: model loading, the response format, prompts, and lockstep multi-env episodes.
 
-One turn:  prompt = build_prompt(env's task, last history_k (action, observation) pairs, observation)
+One turn:  prompt = build_prompt(env's task, last history_k actions, observation)
            -> engine.generate -> parse_response -> env.step(action)
 The model and tokenizer come from transformers / tokenizers; the generation loop is engine.py's.
 """
@@ -229,8 +229,8 @@ def parse_response(text):
 
 def build_messages(env, history, obs, *, history_k=0, system=True, action_only=False):
     """Chat messages of the prompt. System = the env's rules + the output format (FORMAT_ACTION if
-    action_only). User = the task, the last history_k (action, observation) pairs (-1: all), the current
-    observation and env.action_hint(); just the observation when there is nothing else."""
+    action_only). User = the task, the last history_k actions (-1: all) with the observations between them, the
+    current observation and env.action_hint(); just the observation when there is nothing else."""
     if history_k < -1:
         raise ValueError(f"history_k must be >= -1 (-1 = full history), got {history_k}")
     msgs = []
@@ -239,8 +239,9 @@ def build_messages(env, history, obs, *, history_k=0, system=True, action_only=F
         msgs.append({"role": "system", "content": f"{env.rules.strip()}\n\n{fmt}"})
     window = history if history_k == -1 else history[-history_k:] if history_k else []
     parts = [f"Task: {env.task}"] if env.task else []
-    if window:
-        parts.append("Previous steps:\n" + "\n".join(f"> {a}\n{o}" for a, o in window))
+    if window:   # the last action's observation is the current one: shown once, below
+        steps = [f"> {a}\n{o}" for a, o in window[:-1]] + [f"> {window[-1][0]}"]
+        parts.append("Previous steps:\n" + "\n".join(steps))
     parts.append(f"Current observation:\n{obs}")
     if (hint := env.action_hint()):
         parts.append(hint)

@@ -108,7 +108,9 @@ def allsum(x, world, op="sum"):
     """A number summed (or maxed) over ranks."""
     if world == 1:
         return x
-    t = torch.tensor(float(x))
+    # NCCL reduces CUDA tensors only (the current device, set in setup_dist); gloo reduces CPU ones
+    cuda = torch.distributed.get_backend() == "nccl"
+    t = torch.tensor(float(x), device="cuda" if cuda else "cpu")
     torch.distributed.all_reduce(t, torch.distributed.ReduceOp.MAX if op == "max" else torch.distributed.ReduceOp.SUM)
     return t.item()
 

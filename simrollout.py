@@ -59,24 +59,29 @@ def refinement_prompt(tokenizer, env, history, obs, response, futures, *, histor
     return tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
 
 
-def simrollout(model, tokenizer, envs, seeds, *, gen_kwargs, seed=0, d=5, history_k=0, system=True):
-    """SimRollout episodes for all envs in lockstep: two generate calls per turn (the draft a, then a_ref),
-    both drawing from one generator seeded with `seed` that advances, so the draft and the refinement never
-    share noise. Returns agent.Episode objects whose turns carry refine_prompt_ids."""
+def simrollout(model, tokenizer, envs, seeds, *, gen_kwargs, seed=0, d=5, history_k=0, system=True, plain=0):
+    """SimRollout episodes for the envs in lockstep, and plain rollouts for the last `plain` of them riding along:
+    per turn one generate call for every active env's prompt (the drafts a and the plain answers), then one for
+    the refinement prompts (a_ref). Phase (A) so waits on two calls a turn, not three. One generator seeded with
+    `seed` advances over every call: no draft, refinement or plain answer shares noise. Returns agent.Episode
+    objects; a SimRollout's turns carry refine_prompt_ids."""
     gen = torch.Generator(device=model.device).manual_seed(seed)
+    n_sim = len(envs) - plain
     obs = [env.reset(s) for env, s in zip(envs, seeds)]
     hist, turns = [[] for _ in envs], [[] for _ in envs]
     active = list(range(len(envs)))
     while active:
-        plain = [agent.encode(tokenizer, agent.build_prompt(tokenizer, envs[i], hist[i], obs[i],
-                                                            history_k=history_k, system=system)) for i in active]
-        drafts = engine.generate(model, tokenizer, plain, generator=gen, **gen_kwargs)
-        refine = [agent.encode(tokenizer, refinement_prompt(
-            tokenizer, envs[i], hist[i], obs[i], g.text, real_futures(envs[i], extract_plan(g.text, d)),
-            history_k=history_k, system=system)) for i, g in zip(active, drafts)]
-        refined = engine.generate(model, tokenizer, refine, generator=gen, **gen_kwargs)
-        for i, s, s_ref, g in zip(active, plain, refine, refined):
-            turns[i].append(agent.play_turn(envs[i], s, g, obs[i], hist[i], refine_prompt_ids=s_ref))
+        prompts = [agent.encode(tokenizer, agent.build_prompt(tokenizer, envs[i], hist[i], obs[i],
+                                                              history_k=history_k, system=system)) for i in active]
+        first = engine.generate(model, tokenizer, prompts, generator=gen, **gen_kwargs)
+        refine = {k: agent.encode(tokenizer, refinement_prompt(
+            tokenizer, envs[i], hist[i], obs[i], first[k].text, real_futures(envs[i], extract_plan(first[k].text, d)),
+            history_k=history_k, system=system)) for k, i in enumerate(active) if i < n_sim}
+        refined = dict(zip(refine, engine.generate(model, tokenizer, list(refine.values()), generator=gen,
+                                                   **gen_kwargs))) if refine else {}
+        for k, i in enumerate(active):   # a SimRollout follows a_ref; a plain rollout its own answer
+            turns[i].append(agent.play_turn(envs[i], prompts[k], refined.get(k, first[k]), obs[i], hist[i],
+                                            refine_prompt_ids=refine.get(k)))
             obs[i] = hist[i][-1][1]
         active = [i for i in active if not turns[i][-1].done]
     return [agent.Episode(env.name, int(s), ts, ts[-1].success, env.max_steps, env.task_type)

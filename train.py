@@ -349,8 +349,9 @@ def simulation_phase(policy, tok, tasks, cfg, seed_of, returns):
     rc, make = cfg["rl"], lambda: envs.make_env(cfg["env"], "train", **cfg["env_kwargs"])
     seeds = [s for s in tasks for _ in range(rc["group"] // 2)]
     kw = dict(gen_kwargs=gen_kwargs(cfg), history_k=cfg["history_k"], system=cfg["system"])
-    sim = simrollout.simrollout(policy, tok, [make() for _ in seeds], seeds, seed=seed_of("sim"), d=rc["sim_depth"], **kw)
-    plain = agent.run_episodes(policy, tok, [make() for _ in seeds], seeds, seed=seed_of("plain"), **kw)
+    eps = simrollout.simrollout(policy, tok, [make() for _ in seeds * 2], seeds * 2, plain=len(seeds),
+                                seed=seed_of("sim"), d=rc["sim_depth"], **kw)
+    sim, plain = eps[:len(seeds)], eps[len(seeds):]
     group, refine, extra = simrollout.simulation_samples(plain, sim, returns, rc["turn_weight"],
                                                          mean_turns(plain + sim))
     return plain + sim, [group, refine], extra

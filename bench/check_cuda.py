@@ -7,8 +7,11 @@ and the two stages end to end on CUDA.
    on EOS / stop strings at different steps; sampled tokens' log-probs == a full forward's; a CUDA generator.
 2. a random Llama of SmolLM2-135M's shape (bf16): lean greedy vs Hugging Face's greedy (share of identical
    rows; bf16 kernels differ) and tokens/s of lean / fallback / model.generate at batch 32 and 128.
-3. train.py --stage resim, then --stage dyna_grpo, device=cuda, on a toy budget.
+3. allsum and allreduce_grads in a one-rank NCCL group: one GPU cannot hold
+   two NCCL ranks, so this checks what NCCL accepts (CUDA tensors), not a sum over ranks.
+4. train.py --stage resim, then --stage dyna_grpo, device=cuda, on a toy budget.
 """
+import os
 import sys
 import tempfile
 import time
@@ -19,6 +22,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import agent  # noqa: E402
+import common  # noqa: E402
 import engine  # noqa: E402
 import train  # noqa: E402
 
@@ -104,6 +108,21 @@ def smol_shape_checks():
     engine.LEAN_TYPES = ("llama", "qwen2")
 
 
+def nccl_checks():
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29533")
+    torch.distributed.init_process_group("nccl", rank=0, world_size=1)
+    try:    # world=2 below makes each helper take its collective path; the group itself has one rank
+        check("nccl allsum", common.allsum(2.5, 2) == 2.5 and common.allsum(3.0, 2, op="max") == 3.0)
+        model = torch.nn.Linear(4, 2).cuda()
+        model(torch.ones(3, 4, device="cuda")).sum().backward()
+        before = model.weight.grad.clone()
+        common.allreduce_grads(model, 2)
+        check("nccl allreduce_grads", torch.equal(model.weight.grad, before))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def stage_checks():
     out = Path(tempfile.mkdtemp())
     small = ["device=cuda", "tiny.hidden_size=64", "tiny.num_hidden_layers=2", "tiny.num_attention_heads=2",
@@ -118,7 +137,7 @@ def stage_checks():
 
 if __name__ == "__main__":
     print(torch.__version__, torch.cuda.get_device_name(0), flush=True)
-    for part in (tiny_checks, smol_shape_checks, stage_checks):
+    for part in (tiny_checks, smol_shape_checks, nccl_checks, stage_checks):
         try:
             part()
         except Exception as e:   # report every part, then fail

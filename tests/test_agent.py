@@ -177,15 +177,17 @@ def test_quitting_early_does_not_pay_with_the_cap_return():
 def test_build_prompt(tiny):
     _, tok = tiny
     env = CounterEnv()
-    obs = env.reset(0)
+    env.reset(0)
     hist = [("Inc", "at 1"), ("Dec", "at 0"), ("Inc", "at 1")]
+    obs = hist[-1][1]                       # in play the last action's observation is the current one
     full = agent.build_prompt(tok, env, hist, obs, history_k=-1)
     assert full.startswith("<|im_start|>system\n" + RULES) and "<action>ACTION</action>" in full
-    assert full.endswith("Current observation:\nat 0\n\nActions: Inc, Dec<|im_end|>\n<|im_start|>assistant\n")
-    assert "Task: Reach 3." in full and full.count("> Inc\nat 1") == 2 and "> Dec\nat 0" in full
+    assert full.endswith("Current observation:\nat 1\n\nActions: Inc, Dec<|im_end|>\n<|im_start|>assistant\n")
+    assert "Task: Reach 3." in full and "Previous steps:\n> Inc\nat 1\n> Dec\nat 0\n> Inc\n\nCurrent" in full
     last = agent.build_prompt(tok, env, hist, obs, history_k=1, system=False)
     assert last.startswith("<|im_start|>user\nTask: Reach 3.") and RULES not in last
-    assert last.count("> ") == 1 and "> Inc\nat 1" in last
+    assert "Previous steps:\n> Inc\n\nCurrent observation:\nat 1" in last
+    assert last.count("at 1") == 1          # the current observation is not repeated as history
     assert "Previous" not in agent.build_prompt(tok, env, hist, obs, history_k=0)
     assert "action only" in agent.build_prompt(tok, env, [], obs, action_only=True)
     with pytest.raises(ValueError):

@@ -83,6 +83,25 @@ def test_simrollout_refines_with_real_states_and_follows_the_refined_action(tok,
     assert len(calls) == 2 * ep.steps
 
 
+def test_plain_rollouts_ride_in_the_drafts_call(tok, monkeypatch):
+    """plain=1: the last env plays a plain rollout (its own answer, no refinement) inside the drafts' generate
+    call, so a turn costs two sequential calls for both episodes, not three."""
+    wrong = format_response([Plan(["Left"], ["x"], 0.9)], 0, "Left")
+    right = format_response([Plan(["Right"], ["y"], 0.8)], 0, "Right")
+    calls = []
+    texts = _script(monkeypatch, tok, wrong, right)
+    scripted = engine.generate
+    monkeypatch.setattr(engine, "generate", lambda m, t, prompts, **kw: calls.append(len(prompts)) or
+                        scripted(m, t, prompts, **kw))
+    sim, plain = simrollout.simrollout(_Model(), tok, [corridor(), corridor()], [0, 0], gen_kwargs={}, system=False,
+                                       plain=1)
+    assert sim.success and sim.steps == 3 and all(t.refine_prompt_ids for t in sim.turns)
+    assert plain.steps == 100 and not plain.success                   # it kept its Left answers to the step cap
+    assert {t.action for t in plain.turns} == {"Left"} and all(t.refine_prompt_ids is None for t in plain.turns)
+    assert calls == [2, 1] * 3 + [1] * 97 and sum("Real states" in x for x in texts) == 3
+    assert tok.decode(plain.turns[0].prompt_ids) == tok.decode(sim.turns[0].prompt_ids)   # the same task, same s_0
+
+
 def test_simulation_samples_share_a_refs_tokens_and_reward_improvements(tok, monkeypatch):
     right = format_response([Plan(["Right"], ["x"], 0.8)], 0, "Right")
     _script(monkeypatch, tok, right, right)
