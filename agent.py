@@ -227,6 +227,9 @@ def parse_response(text):
 # ----------------------------------------------------------------------------------------------------
 # Prompts
 
+PROMPT_FORMAT = 2   # build_messages' layout; part of the ReSim trace cache key, so traces of another are not reused
+
+
 def build_messages(env, history, obs, *, history_k=0, system=True, action_only=False):
     """Chat messages of the prompt. System = the env's rules + the output format (FORMAT_ACTION if
     action_only). User = the task, the last history_k actions (-1: all) with the observations between them, the

@@ -238,7 +238,8 @@ def traces(cfg, model, tok, device, rank, world, run):
     was made with the same settings (its key file is written last, so a killed write is never reused)."""
     rc = cfg["resim"]
     path, key_path = run.dir / "traces.jsonl", run.dir / "traces.key"
-    key = json.dumps([cfg["env"], cfg["env_kwargs"], cfg["model"], cfg["history_k"], cfg["system"], cfg["seed"],
+    key = json.dumps([agent.PROMPT_FORMAT, cfg["env"], cfg["env_kwargs"], cfg["model"], cfg["history_k"],
+                      cfg["system"], cfg["seed"],
                       {k: v for k, v in rc.items() if k not in ("action_only", "reuse_traces")}], sort_keys=True)
     if rc["reuse_traces"] and key_path.exists() and key_path.read_text() == key and path.exists():
         records = resim.read_jsonl(path)

@@ -100,6 +100,8 @@ def test_plain_rollouts_ride_in_the_drafts_call(tok, monkeypatch):
     assert {t.action for t in plain.turns} == {"Left"} and all(t.refine_prompt_ids is None for t in plain.turns)
     assert calls == [2, 1] * 3 + [1] * 97 and sum("Real states" in x for x in texts) == 3
     assert tok.decode(plain.turns[0].prompt_ids) == tok.decode(sim.turns[0].prompt_ids)   # the same task, same s_0
+    with pytest.raises(ValueError, match="plain"):
+        simrollout.simrollout(_Model(), tok, [corridor(), corridor()], [0, 0], gen_kwargs={}, plain=3)
 
 
 def test_simulation_samples_share_a_refs_tokens_and_reward_improvements(tok, monkeypatch):

@@ -232,6 +232,18 @@ def test_llm_rollout_value_and_aggregator_run_from_the_config(tmp_path):
     assert recs and all(r.kind == "resim" for r in recs)
 
 
+def test_cached_traces_are_reused_only_with_the_same_prompt_format(tmp_path, monkeypatch, capsys):
+    cfg = common.load_config(train.DEFAULTS, None, TINY + ["resim.episodes=2"])
+    model, tok = agent.load_model("tiny", **SMALL)
+    run = type("Run", (), {"dir": tmp_path, "log": lambda self, rec: None})()
+    first = train.traces(cfg, model, tok, "cpu", 0, 1, run)
+    again = train.traces(cfg, model, tok, "cpu", 0, 1, run)
+    assert "reusing" in capsys.readouterr().out and [r.prompt for r in again] == [r.prompt for r in first]
+    monkeypatch.setattr(agent, "PROMPT_FORMAT", agent.PROMPT_FORMAT + 1)   # prompts laid out another way
+    train.traces(cfg, model, tok, "cpu", 0, 1, run)
+    assert "reusing" not in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("config", [pytest.param("configs/alfworld.yaml", marks=pytest.mark.slow),
                                     "configs/android.yaml"])
 def test_resim_and_dyna_grpo_run_on_the_other_envs(tmp_path, config):
