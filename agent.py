@@ -314,14 +314,19 @@ class Episode:
         return episode_return(self.steps, self.success)
 
 
+def check_envs(envs, seeds):
+    """Lockstep episodes need one distinct env object per seed: a shared one would be stepped twice a turn."""
+    if len(envs) != len(seeds) or len({id(e) for e in envs}) != len(envs):
+        raise ValueError("need one distinct env per seed")
+
+
 def run_episodes(model, tokenizer, envs, seeds, *, gen_kwargs, seed=0, history_k=0, system=True,
                  action_only=False, progress=False):
     """Play envs[i] from reset(seeds[i]) in lockstep: one generate call per turn for all active envs.
     Sampling draws from ONE generator seeded with `seed` that advances across turns, so no two turns share
     noise (a row whose prompt repeats still gets a fresh sample). An unreadable response still steps the env
     with the raw text (the env marks it invalid), and the raw text is what the history shows."""
-    if len(envs) != len(seeds) or len({id(e) for e in envs}) != len(envs):
-        raise ValueError("need one distinct env per seed")
+    check_envs(envs, seeds)
     gen = torch.Generator(device=model.device if model is not None else "cpu").manual_seed(seed)
     obs = [env.reset(s) for env, s in zip(envs, seeds)]
     hist, turns = [[] for _ in envs], [[] for _ in envs]

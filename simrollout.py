@@ -65,8 +65,9 @@ def simrollout(model, tokenizer, envs, seeds, *, gen_kwargs, seed=0, d=5, histor
     the refinement prompts (a_ref). Phase (A) so waits on two calls a turn, not three. One generator seeded with
     `seed` advances over every call: no draft, refinement or plain answer shares noise. Returns agent.Episode
     objects; a SimRollout's turns carry refine_prompt_ids."""
-    if not 0 <= plain <= len(envs) or len(envs) != len(seeds) or len({id(e) for e in envs}) != len(envs):
-        raise ValueError(f"need one distinct env per seed and 0 <= plain <= {len(envs)}, got plain={plain}")
+    agent.check_envs(envs, seeds)
+    if not 0 <= plain <= len(envs):
+        raise ValueError(f"need 0 <= plain <= {len(envs)} envs, got plain={plain}")
     gen = torch.Generator(device=model.device).manual_seed(seed)
     n_sim = len(envs) - plain
     obs = [env.reset(s) for env, s in zip(envs, seeds)]
