@@ -115,8 +115,10 @@ def stop_tokens(tokenizer, stop):
 # ---- decoders: step(tokens, positions, cache columns) -> next-token logits; select(rows) keeps those rows
 
 class LeanDecoder:
-    """A Llama / Qwen2 decode step over a KV cache preallocated once ([B, H_kv, T, D] per layer) and written in
-    place at column t: the model's own weights and operations, without the overhead.
+    """A Llama / Qwen2 decode step over a KV cache preallocated once and written in place at column t: the
+    model's own weights and operations, without the overhead.
+    - Keys are kept transposed ([B, H_kv, D, T]; values [B, H_kv, T, D]), so the scores q @ K[..., :W] read the
+      filled columns in place: K[:, :, :W].transpose would make matmul copy the whole filled cache every step.
     - q, k, v run as one matrix product (their weights concatenated once per generate call); so do gate and up.
     - RoPE is one complex multiplication: the q and k rows of each head are reordered so that the pairs
       RoPE rotates together ((i, i + D/2), rotate_half's pairs) sit side by side. Attention scores are dot
@@ -131,9 +133,8 @@ class LeanDecoder:
         self.hkv, self.d, self.scale = model.config.num_key_value_heads, attn.head_dim, attn.scaling
         self.nq = model.config.num_attention_heads * self.d
         w = self.head.weight
-        shape = (batch, self.hkv, length, self.d)
-        self.k = [w.new_zeros(shape, dtype=torch.float32) for _ in self.base.layers]
-        self.v = [w.new_zeros(shape, dtype=torch.float32) for _ in self.base.layers]
+        self.k = [w.new_zeros((batch, self.hkv, self.d, length), dtype=torch.float32) for _ in self.base.layers]
+        self.v = [w.new_zeros((batch, self.hkv, length, self.d), dtype=torch.float32) for _ in self.base.layers]
         self.mask = w.new_full((batch, length), -math.inf, dtype=torch.float32)   # additive: 0 where a key is real
         d = self.d
         self.pair = torch.arange(d, device=w.device).view(2, d // 2).t().flatten()   # 0, D/2, 1, D/2 + 1, ...
@@ -154,7 +155,7 @@ class LeanDecoder:
         """Copy a prefill cache (Hugging Face layers, rows `rows`) into columns start.. of the preallocated one."""
         for i, layer in enumerate(cache.layers):
             n = layer.keys.shape[2]
-            self.k[i][rows, :, start:start + n] = layer.keys[..., self.pair].to(self.k[i].dtype)
+            self.k[i][rows, :, :, start:start + n] = layer.keys[..., self.pair].transpose(-1, -2).to(self.k[i].dtype)
             self.v[i][rows, :, start:start + n] = layer.values.to(self.v[i].dtype)
 
     def step(self, tokens, pos, cols):
@@ -168,9 +169,9 @@ class LeanDecoder:
         for i, layer in enumerate(self.base.layers):
             qkv = F.linear(_rms_norm(x, layer.input_layernorm), *self.qkv[i]).float()   # [B, q + k + v]
             q = _rope(qkv[:, :nq].view(B, hkv, -1, d), rot)                       # [B, H_kv, heads per kv head, D]
-            self.k[i][rows, :, cols] = _rope(qkv[:, nq:nq + hkv * d].view(B, hkv, 1, d), rot)[:, :, 0]
+            self.k[i][rows, :, :, cols] = _rope(qkv[:, nq:nq + hkv * d].view(B, hkv, 1, d), rot)[:, :, 0]
             self.v[i][rows, :, cols] = qkv[:, nq + hkv * d:].view(B, hkv, d)
-            s = torch.matmul(q, self.k[i][:, :, :W].transpose(-1, -2)) * self.scale + bias
+            s = torch.matmul(q, self.k[i][..., :W]) * self.scale + bias
             o = torch.matmul(s.softmax(-1), self.v[i][:, :, :W]).reshape(B, nq).to(x.dtype)
             a, mlp = layer.self_attn, layer.mlp
             x = x + F.linear(o, a.o_proj.weight, a.o_proj.bias)

@@ -139,9 +139,11 @@ def resim_episode(env, seed, *, b, d, b_train, plan_order, act, value, aggregate
 
 
 def collect(env_name, env_kwargs, seeds, *, act, value, aggregate, tokenizer, b=4, d=1, b_train=2,
-            plan_order="shuffled", refine_frac=0.0, detour=0.0, history_k=0, system=True, seed=0, progress=True):
-    """ReSim data for many train-split episodes; keeps the successful ones. Returns (records, stats)."""
-    env = envs.make_env(env_name, "train", **env_kwargs)
+            plan_order="shuffled", refine_frac=0.0, detour=0.0, history_k=0, system=True, seed=0, progress=True,
+            split="train"):
+    """ReSim data for many episodes of a split (train; a held-out one only to probe a model, as
+    bench/probe_traces.py does); keeps the successful ones. Returns (records, stats)."""
+    env = envs.make_env(env_name, split, **env_kwargs)
     records, solved, t0 = [], 0, time.time()
     for s in tqdm(seeds, desc="ReSim trees", disable=not progress):
         rng = np.random.default_rng([seed, s])   # per episode: the same trees however seeds are sharded

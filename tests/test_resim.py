@@ -181,3 +181,14 @@ def test_detours_visit_states_off_the_best_path_and_traces_stay_true():
     assert stats["solved"] >= 20 and off                  # some episodes left the best path and still got solved
     checked, wrong = resim.verify(recs)                   # replaying the real prefix reproduces every state
     assert checked and wrong == []
+
+
+def test_collect_searches_the_split_it_is_given():
+    """bench/probe_traces.py searches held-out episodes: collect(split=) must play that split's rooms."""
+    _, tok = agent.load_model("tiny", **TINY)
+    seeds = envs.split_seeds("ood", 1)
+    recs, stats = resim.collect("sokoban", {}, seeds, tokenizer=tok, aggregate=resim.template_aggregate,
+                                act=search_tree.expert_policy(0.0), value=search_tree.expert_value(0.9),
+                                system=False, progress=False, b=2, d=1, b_train=2, split="ood")
+    obs = envs.make_env("sokoban", "ood").reset(seeds[0])
+    assert stats["solved"] == 1 and obs in recs[0].prompt

@@ -1,0 +1,68 @@
+"""One decode step of engine.py against a git revision's engine.py, in one process, alternating: the A/B for a
+change to the decode step (machine speed drifts between runs; alternating cancels most of it). Same weights,
+same random prompts, the same cache length; prints the largest logit difference and the median step times.
+
+    python bench/bench_step.py --model runs/resim_sokoban/model --batch 128 --before HEAD
+    python bench/bench_step.py --model smollm2 --batch 32 --prompt 400
+"""
+import argparse
+import importlib.util
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import agent  # noqa: E402
+import engine  # noqa: E402
+
+
+def engine_at(rev):
+    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:engine.py"], check=True, capture_output=True).stdout
+    path = Path(tempfile.mkdtemp()) / "engine_before.py"
+    path.write_bytes(src)
+    spec = importlib.util.spec_from_file_location("engine_before", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@torch.inference_mode()
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="runs/resim_sokoban/model")
+    ap.add_argument("--before", default="HEAD", help="the git revision whose engine.py is 'before'")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--prompt", type=int, default=200, help="cache length: prompt tokens per row")
+    ap.add_argument("--steps", type=int, default=10, help="decode steps per timing")
+    ap.add_argument("--repeats", type=int, default=6)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model, tok = agent.load_model(args.model, dtype=torch.bfloat16)
+    vocab, B, T = min(len(tok), model.config.vocab_size), args.batch, args.prompt
+    ids = [torch.randint(0, vocab, (T,)).tolist() for _ in range(B)]
+    mods = {"before": engine_at(args.before), "this tree": engine}
+    decs = {k: m._prefill(model, ids, tok.pad_token_id, 8, T + args.steps)[0] for k, m in mods.items()}
+    toks, pos = torch.randint(0, vocab, (B,)), torch.full((B,), T)
+    first = {k: d.step(toks, pos, pos) for k, d in decs.items()}
+    diff = float((first["before"].float() - first["this tree"].float()).abs().max())
+    times = {k: [] for k in decs}
+    for _ in range(args.repeats):
+        for k, d in decs.items():
+            t = time.perf_counter()
+            for i in range(1, args.steps):
+                d.step(toks, pos + i, pos + i)
+            times[k].append((time.perf_counter() - t) / (args.steps - 1) * 1e3)
+    print(f"{args.model}, batch {B}, cache {T}, {args.threads} threads; max |logit difference| {diff:.3g}")
+    for k, v in times.items():
+        print(f"  {k:<10} median {sorted(v)[len(v) // 2]:.2f} ms a step  ({', '.join(f'{x:.2f}' for x in v)})")
+
+
+if __name__ == "__main__":
+    main()
