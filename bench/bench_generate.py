@@ -99,15 +99,15 @@ def matmul_floor(model, B, T):
         return timed(step, 10)
 
 
-def before_generate(rev):
-    """agent.generate as it was at revision `rev` (its agent.py imports nothing of this project)."""
-    src = subprocess.run(["git", "show", f"{rev}:agent.py"], cwd=ROOT, capture_output=True, text=True, check=True)
-    path = Path(tempfile.mkdtemp()) / "agent_before.py"
+def module_at(rev, name):
+    """Module `name` (agent, engine: files that import nothing of this project) as it was at revision `rev`."""
+    src = subprocess.run(["git", "show", f"{rev}:{name}.py"], cwd=ROOT, capture_output=True, text=True, check=True)
+    path = Path(tempfile.mkdtemp()) / f"{name}_before.py"
     path.write_text(src.stdout)
-    spec = importlib.util.spec_from_file_location("agent_before", path)
+    spec = importlib.util.spec_from_file_location(f"{name}_before", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.generate
+    return mod
 
 
 def bench(name, args):
@@ -118,7 +118,7 @@ def bench(name, args):
     print(f"\n{name} ({n_params:.1f}M parameters, bf16, {torch.get_num_threads()} threads), {args.new} new tokens/row")
     print(f"{'batch':>6}{'prompt':>8} | {'lean':>7}{'HF fwd':>8}{'before':>8}{'HF gen':>8}"
           f"{'raw step':>10}{'floor':>8}  tokens/s | lean / before")
-    before = before_generate(args.before)
+    before = module_at(args.before, "agent").generate
     stop = ("</action>",)
     for B in args.batches:
         ids = prompts(tok, B, args.prompt, system=system)

@@ -2,14 +2,13 @@
 change to the decode step (machine speed drifts between runs; alternating cancels most of it). Same weights,
 same random prompts, the same cache length; prints the largest logit difference and the median step times.
 
-    python bench/bench_step.py --model runs/resim_sokoban/model --batch 128 --before HEAD
-    python bench/bench_step.py --model smollm2 --batch 32 --prompt 400
+    python bench/bench_step.py --before caff864 --model runs/resim_sokoban/model --batch 128
+    python bench/bench_step.py --before caff864 --model smollm2 --batch 32 --prompt 400
+
+(caff864: the last revision before keys were cached transposed.)
 """
 import argparse
-import importlib.util
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -19,16 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import agent  # noqa: E402
 import engine  # noqa: E402
-
-
-def engine_at(rev):
-    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:engine.py"], check=True, capture_output=True).stdout
-    path = Path(tempfile.mkdtemp()) / "engine_before.py"
-    path.write_bytes(src)
-    spec = importlib.util.spec_from_file_location("engine_before", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from bench_generate import module_at  # noqa: E402  (bench/ is sys.path[0] when run as a script)
 
 
 @torch.inference_mode()
@@ -47,7 +37,7 @@ def main():
     model, tok = agent.load_model(args.model, dtype=torch.bfloat16)
     vocab, B, T = min(len(tok), model.config.vocab_size), args.batch, args.prompt
     ids = [torch.randint(0, vocab, (T,)).tolist() for _ in range(B)]
-    mods = {"before": engine_at(args.before), "this tree": engine}
+    mods = {"before": module_at(args.before, "engine"), "this tree": engine}
     decs = {k: m._prefill(model, ids, tok.pad_token_id, 8, T + args.steps)[0] for k, m in mods.items()}
     toks, pos = torch.randint(0, vocab, (B,)), torch.full((B,), T)
     first = {k: d.step(toks, pos, pos) for k, d in decs.items()}

@@ -19,6 +19,8 @@ import os
 import random
 import sys
 
+import yaml
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import agent  # noqa: E402
 import engine  # noqa: E402
@@ -64,7 +66,6 @@ def main():
     ap.add_argument("--model", default="", help="the model to probe (default: the run's model/)")
     ap.add_argument("--n", type=int, default=48, help="prompts per set")
     args = ap.parse_args()
-    import yaml
     with open(os.path.join(args.run, "config.yaml")) as f:
         cfg = yaml.safe_load(f)
     model, tok = agent.load_model(args.model or os.path.join(args.run, "model"), dtype="bfloat16")
