@@ -1,11 +1,14 @@
 """Wall time of the work that waits on decoding, before and after, in one run: the main job's held-out
-evaluation (200 ID + 100 OOD Sokoban puzzles, greedy) and Dyna-GRPO steps (one simulation step and one policy
-step at the old defaults: 4 tasks x 8 rollouts, 320 new tokens, temperature 1), each run by this tree and by the
-git revision --before (checked out into a temporary directory), from the same model.
+evaluation (200 ID + 100 OOD Sokoban puzzles, greedy) and Dyna-GRPO steps (--steps alternating simulation and
+policy steps at the old defaults: 4 tasks x 8 rollouts, 320 new tokens, temperature 1), each run by this tree
+and by the git revision --before (checked out into a temporary directory), from the same model.
 
     python bench/bench_rl.py --model runs/resim_sokoban/model [--before 109ae41]
+    python bench/bench_rl.py --model runs/resim_sokoban/model --after-args decode_compile=true
 
 Rollout and update seconds come from each run's metrics.jsonl (the old code logs the whole step only).
+With decode_compile=true the decode step is compiled before the first step (train.py logs decode_compile_s).
+Beyond --steps 2 the trees train different policies (109ae41's collapses), so later steps are not comparable.
 Run it alone: the two trees take turns, but a busy machine slows them unevenly.
 """
 import argparse
@@ -18,7 +21,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RL = ["rl.steps=2", "rl.tasks=4", "rl.group=8", "rl.micro_batch=16", "max_new_tokens=320", "rl.temperature=1.0",
+RL = ["rl.tasks=4", "rl.group=8", "rl.micro_batch=16", "max_new_tokens=320", "rl.temperature=1.0",
       "eval.id=0", "eval.ood=0", "checkpoint_minutes=1000"]
 
 
@@ -39,10 +42,11 @@ def run(tree, args):
     return time.perf_counter() - t
 
 
-def measure(tree, model, out):
+def measure(tree, model, out, steps, extra=()):
     ev = sum(run(tree, ["evaluate.py", "--model", model, "--split", split, "--episodes", str(n)])
              for split, n in (("id", 200), ("ood", 100)))
-    wall = run(tree, ["train.py", "--stage", "dyna_grpo", f"init_from={model}", f"out_dir={out}"] + RL)
+    wall = run(tree, ["train.py", "--stage", "dyna_grpo", f"init_from={model}", f"out_dir={out}",
+                      f"rl.steps={steps}"] + RL + list(extra))
     steps = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in steps if r["stage"] == "rl_dyna_grpo"]
     return ev, wall, steps
@@ -52,20 +56,25 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="a trained Sokoban model directory (save_pretrained)")
     ap.add_argument("--before", default="109ae41")
+    ap.add_argument("--steps", type=int, default=2, help="RL steps per tree (simulation and policy alternate)")
+    ap.add_argument("--after-args", nargs="*", default=[], help="overrides for this tree's RL run only")
     args = ap.parse_args()
     model = str(Path(args.model).resolve())
     rows = {}
-    for label, tree in (("before", checkout(args.before)), ("after", ROOT)):
-        rows[label] = measure(tree, model, tempfile.mkdtemp(prefix=f"bench-rl-{label}-"))
-    print(f"\nmodel {args.model}; before = {args.before}, after = this tree\n")
-    print(f"{'':<8}{'eval 300 (s)':>13}{'sim step (s)':>14}{'pi step (s)':>13}{'  rollout / update (s)':>24}")
+    for label, tree, extra in (("before", checkout(args.before), ()), ("after", ROOT, args.after_args)):
+        rows[label] = measure(tree, model, tempfile.mkdtemp(prefix=f"bench-rl-{label}-"), args.steps, extra)
+    print(f"\nmodel {args.model}; before = {args.before}, after = this tree {' '.join(args.after_args)}\n")
+    print(f"{'':<8}{'eval 300 (s)':>13}{'sim step (s)':>14}{'pi step (s)':>13}   rollout + update a step (s)")
+    mean = lambda steps, phase: sum(r["step_s"] for r in steps[phase::2]) / len(steps[phase::2])  # noqa: E731
     for label, (ev, wall, steps) in rows.items():
         split = " / ".join(f"{r['rollout_s']:.0f}+{r.get('update_s', r['step_s'] - r['rollout_s']):.0f}"
                            for r in steps)
-        print(f"{label:<8}{ev:>13.0f}{steps[0]['step_s']:>14.0f}{steps[1]['step_s']:>13.0f}{split:>24}")
+        print(f"{label:<8}{ev:>13.0f}{mean(steps, 0):>14.0f}{mean(steps, 1):>13.0f}   {split}")
     (b_ev, _, b), (a_ev, _, a) = rows["before"], rows["after"]
-    print(f"\nspeed-up: evaluation {b_ev / a_ev:.1f}x, simulation step {b[0]['step_s'] / a[0]['step_s']:.1f}x, "
-          f"policy step {b[1]['step_s'] / a[1]['step_s']:.1f}x")
+    print(f"\nspeed-up: evaluation {b_ev / a_ev:.1f}x, simulation step {mean(b, 0) / mean(a, 0):.1f}x, "
+          f"policy step {mean(b, 1) / mean(a, 1):.1f}x (means over the steps of each phase)")
+    if "decode_compile_s" in a[0]:
+        print(f"(after: the decode step compiled in {a[0]['decode_compile_s']:.0f} s before its first step)")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ same random prompts, the same cache length; prints the largest logit difference 
 (caff864: the last revision before keys were cached transposed.)
 """
 import argparse
+import inspect
 import sys
 import time
 from pathlib import Path
@@ -40,14 +41,17 @@ def main():
     mods = {"before": module_at(args.before, "engine"), "this tree": engine}
     decs = {k: m._prefill(model, ids, tok.pad_token_id, 8, T + args.steps)[0] for k, m in mods.items()}
     toks, pos = torch.randint(0, vocab, (B,)), torch.full((B,), T)
-    first = {k: d.step(toks, pos, pos) for k, d in decs.items()}
+    # the cache column: an int since 2026-11-27, a [B] tensor before
+    col = {k: (lambda i: pos + i) if "cols" in inspect.signature(d.step).parameters else (lambda i: T + i)
+           for k, d in decs.items()}
+    first = {k: d.step(toks, pos, col[k](0)) for k, d in decs.items()}
     diff = float((first["before"].float() - first["this tree"].float()).abs().max())
     times = {k: [] for k in decs}
     for _ in range(args.repeats):
         for k, d in decs.items():
             t = time.perf_counter()
             for i in range(1, args.steps):
-                d.step(toks, pos + i, pos + i)
+                d.step(toks, pos + i, col[k](i))
             times[k].append((time.perf_counter() - t) / (args.steps - 1) * 1e3)
     print(f"{args.model}, batch {B}, cache {T}, {args.threads} threads; max |logit difference| {diff:.3g}")
     for k, v in times.items():

@@ -98,6 +98,22 @@ def test_logprobs_match_a_full_forward(tiny, lean, monkeypatch):
             assert torch.allclose(torch.tensor(g.logprobs), ref, atol=1e-4)
 
 
+@pytest.mark.slow
+def test_compiled_step_matches_a_full_forward_without_recompiling(monkeypatch):
+    """engine.COMPILE: the same log-probs as a full forward, through one graph for every batch size and cache
+    width (a graph specialised on the cache column would recompile at every step)."""
+    from torch._dynamo.utils import counters
+    model, tok = agent.load_model("tiny", dtype=torch.float32, num_hidden_layers=2)   # 2 layers: compiles faster
+    monkeypatch.setattr(engine, "COMPILE", True)
+    graphs = counters["stats"]["unique_graphs"]
+    for prompts in (["short", "a somewhat longer prompt here", "mid √ size"], ["two", "rows, longer ones"]):
+        ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        gens = engine.generate(model, tok, ids, max_new_tokens=16, temperature=0.7, seed=1, stop=())
+        for p, g in zip(ids, gens):
+            assert torch.allclose(torch.tensor(g.logprobs), _full_logprobs(model, p, g.token_ids, 0.7), atol=1e-4)
+    assert counters["stats"]["unique_graphs"] - graphs <= 2   # at most a static first graph, then a dynamic one
+
+
 def test_bf16_lean_step_agrees_with_hf_forward():
     """In bf16 the lean step (float32 attention) and Hugging Face's forward differ only by rounding."""
     model, tok = agent.load_model("tiny", dtype=torch.bfloat16)
@@ -105,12 +121,12 @@ def test_bf16_lean_step_agrees_with_hf_forward():
     with torch.inference_mode():
         lean, logits = engine._prefill(model, ids, tok.pad_token_id, 8, 64)
         nxt = logits.argmax(-1)
-        pos, cols = torch.tensor([len(p) for p in ids]), torch.full((2,), max(map(len, ids)))
-        a = lean.step(nxt, pos, cols).float()
+        pos, col = torch.tensor([len(p) for p in ids]), max(map(len, ids))
+        a = lean.step(nxt, pos, col).float()
         cache_model = agent.load_model("tiny", dtype=torch.bfloat16)[0]
         cache_model.config.model_type = "other"          # the same weights through the fallback
         hf, _ = engine._prefill(cache_model, ids, tok.pad_token_id, 8, 64)
-        b = hf.step(nxt, pos, cols).float()
+        b = hf.step(nxt, pos, col).float()
     assert isinstance(lean, engine.LeanDecoder) and isinstance(hf, engine.HFDecoder)
     assert (a - b).abs().max() < 0.1 * b.abs().max()
 

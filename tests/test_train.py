@@ -8,6 +8,7 @@ import torch
 
 import agent
 import common
+import engine
 import grpo
 import train
 
@@ -215,6 +216,19 @@ def test_rl_stage_smoke_and_the_weights_move(solver, tmp_path, stage):
     a = agent.load_model(str(solver))[0].state_dict()
     b = agent.load_model(str(tmp_path / "model"))[0].state_dict()
     assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_rl_with_a_compiled_decode_step(solver, tmp_path):
+    """decode_compile=true: the step is compiled before the first rollout (logged apart from it), and the
+    switch is put back when the run ends (later generate calls in this process run eagerly)."""
+    train.main(["--stage", "dyna_grpo", f"out_dir={tmp_path}", f"init_from={solver}", "rl.steps=2", "rl.tasks=2",
+                "rl.group=4", "eval.id=0", "eval.ood=0", "max_new_tokens=24", "env_kwargs={max_steps: 3}",
+                "decode_compile=true"])
+    steps = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if r["stage"] == "rl_dyna_grpo"]
+    assert len(steps) == 2 and steps[0]["decode_compile_s"] > 0 and "decode_compile_s" not in steps[1]
+    assert engine.COMPILE is False
 
 
 def test_llm_rollout_value_and_aggregator_run_from_the_config(tmp_path):
