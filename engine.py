@@ -10,9 +10,9 @@ forward re-concatenates the whole KV cache every step and runs a flash-attention
 written in place, attention as two batched matrix products over the filled part, and no per-row Python work
 except for rows whose newest token could complete a stop string. Any other model falls back to Hugging Face's
 forward with a DynamicCache (said once per model type). Prefill uses Hugging Face's forward either way.
-COMPILE (train.py's decode_compile) runs the lean step's layers through torch.compile: 1.3x faster steps for a
-compile of 30-60 s per process, so it pays off where one process decodes for long (RL).
+COMPILE (train.py's decode_compile) runs the lean step through torch.compile (LeanDecoder says what it costs).
 """
+import functools
 import math
 import os
 import time
@@ -24,7 +24,7 @@ from transformers import DynamicCache
 
 # model families whose decoder layer LeanDecoder reproduces (DYNAMIND_LEAN=0: always Hugging Face's forward)
 LEAN_TYPES = () if os.environ.get("DYNAMIND_LEAN") == "0" else ("llama", "qwen2")
-COMPILE = os.environ.get("DYNAMIND_COMPILE") == "1"   # torch.compile the lean decode step (train.py: decode_compile)
+COMPILE = os.environ.get("DYNAMIND_COMPILE") == "1"   # torch.compile the lean step (also train.py's decode_compile)
 COMPACT_AT = 0.75                 # lean: drop finished rows once they are a quarter of the batch (a copy)
 _SAID = set()                     # model types whose fallback was already reported
 
@@ -116,7 +116,7 @@ def stop_tokens(tokenizer, stop):
     return _STOP_TOKENS[key]
 
 
-# ---- decoders: step(tokens, positions, cache columns) -> next-token logits; select(rows) keeps those rows
+# ---- decoders: step(tokens, positions, cache column) -> next-token logits; select(rows) keeps those rows
 
 class LeanDecoder:
     """A Llama / Qwen2 decode step over a KV cache preallocated once and written in place at column t: the
@@ -130,9 +130,11 @@ class LeanDecoder:
       as they are copied in.
     - Every row writes the same cache column at a step (prompts are left-padded to one length and every row
       advances one column), so the step takes that column as a number.
-    - COMPILE: the layers run through torch.compile (one graph for every batch size and cache length; inductor
-      fuses the norms, RoPE, softmax and activations that otherwise cost a call each). About 30 s to compile
-      the main job's model, 3 min for SmolLM2's 30 layers; worth it where one process decodes for long (RL).
+    - COMPILE: the layers run through torch.compile: one graph for every batch size above one and every cache
+      length (a batch of one gets its own), in which inductor fuses the norms, RoPE, softmax and activations that
+      otherwise cost a call each. On this project's 2-core CPU: 1.3x faster steps for the main job's model,
+      30-60 s to compile it once per process; SmolLM2's 30 layers take 3 min for 1.2x. Worth it where one
+      process decodes for long (RL; README, Speed).
     - Attention runs in float32 even for a bf16 model: on CPUs, batched bf16 products of these shapes are
       2-4x slower than float32 ones, and float32 is the more exact."""
 
@@ -170,10 +172,10 @@ class LeanDecoder:
     def step(self, tokens, pos, col):
         """tokens [B] at RoPE positions pos, written to cache column col (an int). Returns next-token logits [B, V]."""
         self.mask[:, col] = 0.0
-        layers = _compiled_layers() if COMPILE else LeanDecoder.layers
-        return layers(self, tokens, self.rot[pos][:, None, None], col)
+        forward = _compiled_forward() if COMPILE else LeanDecoder._forward
+        return forward(self, tokens, torch.view_as_real(self.rot[pos])[:, None, None], col)   # [B, 1, 1, D/2, 2]
 
-    def layers(self, tokens, rot, col):
+    def _forward(self, tokens, rot, col):
         """The model's layers for one token per row. The new key and value are written as the slice col:col+1
         (an index would make torch.compile specialise on col and recompile every step)."""
         B, d, hkv, nq, W = len(tokens), self.d, self.hkv, self.nq, col + 1
@@ -204,31 +206,30 @@ def _cat(*linears):
 
 
 def _rope(x, rot):
-    """RoPE on float32 vectors whose rotated pairs are adjacent: one complex multiplication (under
-    torch.compile the same product in real arithmetic, which inductor fuses; it has no complex kernels)."""
+    """RoPE on float32 vectors whose rotated pairs are adjacent; rot: (cos, sin) pairs [..., D/2, 2]. One complex
+    multiplication (under torch.compile the same product in real arithmetic, which inductor fuses: it has no
+    complex kernels)."""
     if torch.compiler.is_compiling():
-        x0, x1, c, s = x[..., 0::2], x[..., 1::2], rot.real, rot.imag
+        x0, x1, c, s = x[..., 0::2], x[..., 1::2], rot[..., 0], rot[..., 1]
         return torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), -1).flatten(-2)
-    return torch.view_as_real(torch.view_as_complex(x.view(*x.shape[:-1], -1, 2)) * rot).flatten(-2)
-
-
-_COMPILED = []
+    z = torch.view_as_complex(x.view(*x.shape[:-1], -1, 2)) * torch.view_as_complex(rot)
+    return torch.view_as_real(z).flatten(-2)
 
 
 def warm_up(model, tokenizer):
-    """Compile the lean decode step now (with COMPILE), for two rows and for one (torch.compile specialises a
-    batch of one), so that no timed rollout pays for it. Returns the seconds it took."""
+    """Compile the lean decode step now (with COMPILE), for 7 rows and for 1 (torch.compile specialises a batch
+    of one), so that no timed rollout pays for it. Returns the seconds it took. 7 rows and an 11-token prompt:
+    sizes that equal no other dimension of the step, which torch.compile would otherwise tie to the batch."""
     t = time.perf_counter()
-    for n in (2, 1):
-        generate(model, tokenizer, ["warm up"] * n, max_new_tokens=2, temperature=0, stop=())
+    for n in (7, 1):
+        generate(model, tokenizer, [list(range(1, 12))] * n, max_new_tokens=2, temperature=0, stop=())
     return time.perf_counter() - t
 
 
-def _compiled_layers():
-    """LeanDecoder.layers through torch.compile, built once per process (dynamic: batch and width vary)."""
-    if not _COMPILED:
-        _COMPILED.append(torch.compile(LeanDecoder.layers, dynamic=True))
-    return _COMPILED[0]
+@functools.cache
+def _compiled_forward():
+    """LeanDecoder._forward through torch.compile, built once per process (dynamic: batch and width vary)."""
+    return torch.compile(LeanDecoder._forward, dynamic=True)
 
 
 def _rms_norm(x, norm):

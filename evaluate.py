@@ -80,6 +80,8 @@ def episode_rows(made, episodes):
                          invalid=ep.invalid / max(1, ep.steps),
                          tokens=float(np.mean([len(t.response_ids) for t in ep.turns])) if ep.turns else 0.0,
                          sim=float(np.mean(sims)) if sims else 0.0, task_type=ep.task_type or None,
+                         # a state shown twice: under greedy decoding and a Markov prompt, a loop to the step cap
+                         revisit=len({t.obs for t in ep.turns}) < len(ep.turns),
                          optimal=getattr(env, "solution_length", None)))   # Sokoban: BFS-optimal length
     return rows
 
@@ -91,6 +93,7 @@ def summarize(rows):
                steps=float(np.mean([r["steps"] for r in rows])) if rows else 0.0)
     for key in ("ret", "invalid", "tokens", "sim"):
         out[key] = float(np.mean([r[key] for r in rows])) if rows else 0.0
+    out["revisit"] = float(np.mean([r.get("revisit", False) for r in rows])) if rows else 0.0
     types = sorted({r["task_type"] for r in rows if r["task_type"]})
     if types:
         out["success_by_task_type"] = {t: float(np.mean([r["success"] for r in rows if r["task_type"] == t]))
@@ -119,12 +122,13 @@ def play(model, tokenizer, env_name, split, seeds, *, env_kwargs=None, history_k
 def format_table(results):
     """The metrics of each split, then success per task type and per optimal length where there are any."""
     head = f"{'split':<6}{'n':>5}{'success':>9}{'95% CI':>14}{'steps':>7}{'return':>8}{'invalid':>9}" \
-           f"{'tokens':>8}{'sim':>6}"
+           f"{'tokens':>8}{'sim':>6}{'revisit':>9}"
     lines = [head]
     for split, m in results.items():
         lo, hi = m["success_ci95"]
         lines.append(f"{split:<6}{m['episodes']:>5}{m['success']:>9.3f}{f'[{lo:.2f},{hi:.2f}]':>14}"
-                     f"{m['steps']:>7.1f}{m['ret']:>8.2f}{m['invalid']:>9.3f}{m['tokens']:>8.1f}{m['sim']:>6.2f}")
+                     f"{m['steps']:>7.1f}{m['ret']:>8.2f}{m['invalid']:>9.3f}{m['tokens']:>8.1f}{m['sim']:>6.2f}"
+                     f"{m.get('revisit', 0.0):>9.2f}")
     for split, m in results.items():
         for key in ("success_by_task_type", "success_by_length"):
             if key in m:

@@ -60,8 +60,8 @@ DEFAULTS = {
     "bf16": True,                 # bfloat16 autocast for training, a bfloat16 copy for generation
     "attn": "eager",              # attention of training forwards: eager | sdpa. On CPU eager is 1.3x faster on
                                   # short sequences (Sokoban, 16 x 234 tokens), sdpa 2x on long ones (570 tokens)
-    "decode_compile": False,      # torch.compile the lean decode step (engine.COMPILE): 30-60 s to compile the tiny
-                                  # model once per process, then 1.3x faster decode steps; for RL runs (README, Speed)
+    "decode_compile": False,      # torch.compile the lean (Llama / Qwen2) decode step, compiled once per process:
+                                  # for RL runs (cost and gain: engine.LeanDecoder; README, Speed)
     "history_k": 0,               # (action, observation) pairs shown in the prompt; Sokoban is Markov
     "system": False,              # system prompt with the rules and the format (a from-scratch model can't read it)
     "max_new_tokens": 320,        # generation budget per response (also Dr. GRPO's constant length)
@@ -493,11 +493,12 @@ def main(argv=None):
     except (ValueError, KeyError, OSError, yaml.YAMLError) as e:
         raise SystemExit(f"{'resume' if args.resume else 'config'} error: {e}")
     rank, world, device = common.setup_dist(cfg["device"])
-    compile_before, engine.COMPILE = engine.COMPILE, cfg["decode_compile"]
     torch.manual_seed(cfg["seed"] + rank)
     run = common.Run(cfg["out_dir"] or f"runs/{stage}_{cfg['env']}", cfg, rank, stage, world, bool(args.resume))
     handlers = {s: signal.signal(s, common.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    compile_before = engine.COMPILE          # DYNAMIND_COMPILE=1 also compiles; put back when the run ends
     try:
+        engine.COMPILE = compile_before or cfg["decode_compile"]
         t0 = time.time()
         if run.ckpt and run.ckpt["phase"] == "done":     # training had finished: evaluate the saved model
             cfg.update({k: v for k, v in common.prompt_settings(str(run.dir / "model")).items()

@@ -1,5 +1,6 @@
 """Decoding speed, in one run:
   lean     engine.generate: the lean decode step over a preallocated cache
+  compiled the same, its step through torch.compile (--compile; compiled before the timing)
   HF fwd   the same loop over Hugging Face's forward with a DynamicCache (the fallback)
   before   agent.generate of revision --before (the project's generation loop before engine.py)
   HF gen   Hugging Face's model.generate with the same stop string
@@ -9,6 +10,7 @@
     python bench/bench_generate.py                       # the main job's model shape, untrained
     python bench/bench_generate.py --models runs/resim_sokoban/model   # the main job's trained model
     python bench/bench_generate.py --models smollm2 --batches 32 --prompt 900 --new 64
+    python bench/bench_generate.py --models runs/resim_sokoban/model --compile
 
 Prompts are real Sokoban prompts (about 80 tokens for the tiny model; --prompt N pads them to N tokens with
 more observations). An untrained model never meets the stop string "</action>": every row makes --new tokens;
@@ -17,6 +19,7 @@ stop string as in a rollout. Weights in bfloat16, as generation runs in training
 """
 import argparse
 import importlib.util
+import math
 import subprocess
 import sys
 import tempfile
@@ -116,20 +119,23 @@ def bench(name, args):
     system = common.prompt_settings(name).get("system", name not in ("tiny",) and "model" not in name)
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
     print(f"\n{name} ({n_params:.1f}M parameters, bf16, {torch.get_num_threads()} threads), {args.new} new tokens/row")
-    print(f"{'batch':>6}{'prompt':>8} | {'lean':>7}{'HF fwd':>8}{'before':>8}{'HF gen':>8}"
-          f"{'raw step':>10}{'floor':>8}  tokens/s | lean / before")
+    print(f"{'batch':>6}{'prompt':>8} | {'lean':>7}{'compiled':>9}{'HF fwd':>8}{'before':>8}{'HF gen':>8}"
+          f"{'raw step':>10}{'floor':>8}  tokens/s | lean / before, compiled / before")
     before = module_at(args.before, "agent").generate
     stop = ("</action>",)
     for B in args.batches:
         ids = prompts(tok, B, args.prompt, system=system)
         gen = dict(max_new_tokens=args.new, temperature=1.0, stop=stop, batch_size=B, seed=0)
-        rate = {}
-        for label, fn, types in (("lean", engine.generate, ("llama", "qwen2")), ("hf", engine.generate, ()),
-                                 ("before", before, ())):
-            engine.LEAN_TYPES = types
+        rate = {"compiled": math.nan}
+        runs = [("lean", engine.generate, ("llama", "qwen2")), ("hf", engine.generate, ()), ("before", before, ())]
+        for label, fn, types in runs + ([("compiled", engine.generate, ("llama", "qwen2"))] if args.compile else []):
+            engine.LEAN_TYPES, engine.COMPILE = types, label == "compiled"
+            if engine.COMPILE:
+                engine.warm_up(model, tok)
             fn(model, tok, ids[:2], **dict(gen, max_new_tokens=4))                    # warm-up
             n = sum(len(g.token_ids) for g in fn(model, tok, ids, **gen))
             rate[label] = n / timed(lambda: fn(model, tok, ids, **gen), args.repeats)
+        engine.COMPILE = False
         T = max(map(len, ids))
         x = torch.tensor([[tok.pad_token_id] * (T - len(p)) + p for p in ids])
         mask = (x != tok.pad_token_id).long()
@@ -137,9 +143,9 @@ def bench(name, args):
         hf = timed(lambda: model.generate(x, attention_mask=mask, max_new_tokens=args.new, do_sample=True, top_k=0,
                                           stop_strings=list(stop), tokenizer=tok, pad_token_id=tok.pad_token_id), 1)
         raw, floor = raw_step(model, ids, args.new), matmul_floor(model, B, T + args.new // 2)
-        print(f"{B:>6}{T:>8} | {rate['lean']:>7.0f}{rate['hf']:>8.0f}{rate['before']:>8.0f}"
-              f"{B * args.new / hf:>8.0f}"
-              f"{B / raw:>10.0f}{B / floor:>8.0f}          | {rate['lean'] / rate['before']:.2f}x")
+        print(f"{B:>6}{T:>8} | {rate['lean']:>7.0f}{rate['compiled']:>9.0f}{rate['hf']:>8.0f}{rate['before']:>8.0f}"
+              f"{B * args.new / hf:>8.0f}{B / raw:>10.0f}{B / floor:>8.0f}          | "
+              f"{rate['lean'] / rate['before']:.2f}x, {rate['compiled'] / rate['before']:.2f}x")
 
 
 def main():
@@ -150,6 +156,7 @@ def main():
     ap.add_argument("--prompt", type=int, default=0, help="pad prompts to at least this many tokens")
     ap.add_argument("--new", type=int, default=190, help="new tokens per row (a d=1 Sokoban trace is about 190)")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--compile", action="store_true", help="also time the lean step through torch.compile")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--before", default="109ae41", help="the git revision whose agent.generate is 'before'")
     args = ap.parse_args()

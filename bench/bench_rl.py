@@ -8,7 +8,8 @@ and by the git revision --before (checked out into a temporary directory), from 
 
 Rollout and update seconds come from each run's metrics.jsonl (the old code logs the whole step only).
 With decode_compile=true the decode step is compiled before the first step (train.py logs decode_compile_s).
-Beyond --steps 2 the trees train different policies (109ae41's collapses), so later steps are not comparable.
+The speed-up compares the first two steps, which start from the same weights; later steps are listed but not
+compared (the trees train different policies: 109ae41's collapses).
 Run it alone: the two trees take turns, but a busy machine slows them unevenly.
 """
 import argparse
@@ -42,11 +43,11 @@ def run(tree, args):
     return time.perf_counter() - t
 
 
-def measure(tree, model, out, steps, extra=()):
+def measure(tree, model, out, n_steps, extra=()):
     ev = sum(run(tree, ["evaluate.py", "--model", model, "--split", split, "--episodes", str(n)])
              for split, n in (("id", 200), ("ood", 100)))
     wall = run(tree, ["train.py", "--stage", "dyna_grpo", f"init_from={model}", f"out_dir={out}",
-                      f"rl.steps={steps}"] + RL + list(extra))
+                      f"rl.steps={n_steps}"] + RL + list(extra))
     steps = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in steps if r["stage"] == "rl_dyna_grpo"]
     return ev, wall, steps
@@ -59,20 +60,21 @@ def main():
     ap.add_argument("--steps", type=int, default=2, help="RL steps per tree (simulation and policy alternate)")
     ap.add_argument("--after-args", nargs="*", default=[], help="overrides for this tree's RL run only")
     args = ap.parse_args()
+    if args.steps < 2:
+        ap.error("--steps must be at least 2 (a simulation step and a policy step)")
     model = str(Path(args.model).resolve())
     rows = {}
     for label, tree, extra in (("before", checkout(args.before), ()), ("after", ROOT, args.after_args)):
         rows[label] = measure(tree, model, tempfile.mkdtemp(prefix=f"bench-rl-{label}-"), args.steps, extra)
     print(f"\nmodel {args.model}; before = {args.before}, after = this tree {' '.join(args.after_args)}\n")
-    print(f"{'':<8}{'eval 300 (s)':>13}{'sim step (s)':>14}{'pi step (s)':>13}   rollout + update a step (s)")
-    mean = lambda steps, phase: sum(r["step_s"] for r in steps[phase::2]) / len(steps[phase::2])  # noqa: E731
+    print(f"{'':<8}{'eval 300 (s)':>13}{'sim step (s)':>14}{'pi step (s)':>13}   rollout + update, every step (s)")
     for label, (ev, wall, steps) in rows.items():
         split = " / ".join(f"{r['rollout_s']:.0f}+{r.get('update_s', r['step_s'] - r['rollout_s']):.0f}"
                            for r in steps)
-        print(f"{label:<8}{ev:>13.0f}{mean(steps, 0):>14.0f}{mean(steps, 1):>13.0f}   {split}")
+        print(f"{label:<8}{ev:>13.0f}{steps[0]['step_s']:>14.0f}{steps[1]['step_s']:>13.0f}   {split}")
     (b_ev, _, b), (a_ev, _, a) = rows["before"], rows["after"]
-    print(f"\nspeed-up: evaluation {b_ev / a_ev:.1f}x, simulation step {mean(b, 0) / mean(a, 0):.1f}x, "
-          f"policy step {mean(b, 1) / mean(a, 1):.1f}x (means over the steps of each phase)")
+    print(f"\nspeed-up: evaluation {b_ev / a_ev:.1f}x, simulation step {b[0]['step_s'] / a[0]['step_s']:.1f}x, "
+          f"policy step {b[1]['step_s'] / a[1]['step_s']:.1f}x (the first two steps: the same model in both trees)")
     if "decode_compile_s" in a[0]:
         print(f"(after: the decode step compiled in {a[0]['decode_compile_s']:.0f} s before its first step)")
 

@@ -6,6 +6,11 @@ same random prompts, the same cache length; prints the largest logit difference 
     python bench/bench_step.py --before caff864 --model smollm2 --batch 32 --prompt 400
 
 (caff864: the last revision before keys were cached transposed.)
+
+    python bench/bench_step.py --compile --model runs/resim_sokoban/model --batch 32
+
+--compile: this tree's step eager against the same step through torch.compile (engine.COMPILE), instead of a
+revision; the compile is done before the timing and reported apart.
 """
 import argparse
 import inspect
@@ -32,23 +37,34 @@ def main():
     ap.add_argument("--steps", type=int, default=10, help="decode steps per timing")
     ap.add_argument("--repeats", type=int, default=6)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compile", action="store_true", help="eager against compiled, both this tree")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model, tok = agent.load_model(args.model, dtype=torch.bfloat16)
     vocab, B, T = min(len(tok), model.config.vocab_size), args.batch, args.prompt
     ids = [torch.randint(0, vocab, (T,)).tolist() for _ in range(B)]
-    mods = {"before": module_at(args.before, "engine"), "this tree": engine}
-    decs = {k: m._prefill(model, ids, tok.pad_token_id, 8, T + args.steps)[0] for k, m in mods.items()}
+    mods = ({"eager": engine, "compiled": engine} if args.compile else
+            {"before": module_at(args.before, "engine"), "this tree": engine})
+    # cache one column longer than the steps fill, as in generate (a full cache would be a new shape to compile)
+    decs = {k: m._prefill(model, ids, tok.pad_token_id, 8, T + args.steps + 1)[0] for k, m in mods.items()}
+    if args.compile:
+        engine.COMPILE = True
+        print(f"compiled in {engine.warm_up(model, tok):.0f} s")
     toks, pos = torch.randint(0, vocab, (B,)), torch.full((B,), T)
-    # the cache column: an int since 2026-11-27, a [B] tensor before
+    # the cache column: an int since 17e9fc9, a [B] tensor before
     col = {k: (lambda i: pos + i) if "cols" in inspect.signature(d.step).parameters else (lambda i: T + i)
            for k, d in decs.items()}
-    first = {k: d.step(toks, pos, col[k](0)) for k, d in decs.items()}
-    diff = float((first["before"].float() - first["this tree"].float()).abs().max())
+    first = {}
+    for k, d in decs.items():
+        engine.COMPILE = k == "compiled"
+        first[k] = d.step(toks, pos, col[k](0))
+    a, b = first.values()
+    diff = float((a.float() - b.float()).abs().max())
     times = {k: [] for k in decs}
     for _ in range(args.repeats):
         for k, d in decs.items():
+            engine.COMPILE = k == "compiled"
             t = time.perf_counter()
             for i in range(1, args.steps):
                 d.step(toks, pos + i, col[k](i))

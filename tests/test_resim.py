@@ -158,6 +158,17 @@ def test_summary_reports_success_by_optimal_length():
     assert lo < 0.4 < hi
 
 
+def test_episode_rows_flag_a_state_shown_twice():
+    """revisit: an episode whose prompts showed the same state twice (a greedy loop with a Markov prompt)."""
+    env = envs.make_env("sokoban", "train")
+    obs = env.reset(0)
+    turn = lambda o: agent.Turn([1], [1], "", o, None, False, False, False)   # noqa: E731
+    eps = [agent.Episode("sokoban", 0, [turn(obs), turn(obs + " ")], False, 10),
+           agent.Episode("sokoban", 0, [turn(obs), turn(obs)], False, 10)]
+    rows = evaluate.episode_rows([env, env], eps)
+    assert [r["revisit"] for r in rows] == [False, True] and evaluate.summarize(rows)["revisit"] == 0.5
+
+
 def test_llm_aggregator_never_changes_plans_states_or_action():
     model, tok = agent.load_model("tiny", hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                   num_key_value_heads=2, intermediate_size=64)

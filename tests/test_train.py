@@ -220,15 +220,18 @@ def test_rl_stage_smoke_and_the_weights_move(solver, tmp_path, stage):
 
 @pytest.mark.slow
 def test_rl_with_a_compiled_decode_step(solver, tmp_path):
-    """decode_compile=true: the step is compiled before the first rollout (logged apart from it), and the
-    switch is put back when the run ends (later generate calls in this process run eagerly)."""
+    """decode_compile=true: the step is compiled before the first rollout (logged apart from it), the rollouts
+    (many batch sizes and cache lengths) compile nothing more, and the switch is put back when the run ends."""
+    from torch._dynamo.utils import counters
+    graphs, before = counters["stats"]["unique_graphs"], engine.COMPILE
     train.main(["--stage", "dyna_grpo", f"out_dir={tmp_path}", f"init_from={solver}", "rl.steps=2", "rl.tasks=2",
                 "rl.group=4", "eval.id=0", "eval.ood=0", "max_new_tokens=24", "env_kwargs={max_steps: 3}",
                 "decode_compile=true"])
     steps = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in steps if r["stage"] == "rl_dyna_grpo"]
     assert len(steps) == 2 and steps[0]["decode_compile_s"] > 0 and "decode_compile_s" not in steps[1]
-    assert engine.COMPILE is False
+    assert counters["stats"]["unique_graphs"] - graphs == 2    # warm_up's: many rows, and one row
+    assert engine.COMPILE is before
 
 
 def test_llm_rollout_value_and_aggregator_run_from_the_config(tmp_path):
