@@ -132,9 +132,9 @@ class LeanDecoder:
       advances one column), so the step takes that column as a number.
     - COMPILE: the layers run through torch.compile: one graph for every batch size above one and every cache
       length (a batch of one gets its own), in which inductor fuses the norms, RoPE, softmax and activations that
-      otherwise cost a call each. On this project's 2-core CPU: 1.3x faster steps for the main job's model,
-      30-60 s to compile it once per process; SmolLM2's 30 layers take 3 min for 1.2x. Worth it where one
-      process decodes for long (RL; README, Speed).
+      otherwise cost a call each. On this project's 2-core CPU: 1.2-1.4x faster steps for the main job's model,
+      about 30 s to compile it once per process (70 s on one thread); SmolLM2's 30 layers take 3 min for 1.2x.
+      Worth it where one process decodes for long (RL; README, Speed).
     - Attention runs in float32 even for a bf16 model: on CPUs, batched bf16 products of these shapes are
       2-4x slower than float32 ones, and float32 is the more exact."""
 
@@ -177,7 +177,8 @@ class LeanDecoder:
 
     def _forward(self, tokens, rot, col):
         """The model's layers for one token per row. The new key and value are written as the slice col:col+1
-        (an index would make torch.compile specialise on col and recompile every step)."""
+        (an index would make torch.compile specialise on col and recompile every step). generate's cache always
+        has a column more than it fills (W < cache length): a full cache would be one more graph to compile."""
         B, d, hkv, nq, W = len(tokens), self.d, self.hkv, self.nq, col + 1
         bias = self.mask[:, None, None, :W]                                     # [B, 1, 1, W]: 0 where a key is real
         x = self.base.embed_tokens(tokens)
