@@ -91,9 +91,8 @@ def summarize(rows):
     lo, hi = wilson(k, n)
     out = dict(episodes=n, success=k / max(1, n), success_ci95=[lo, hi],
                steps=float(np.mean([r["steps"] for r in rows])) if rows else 0.0)
-    for key in ("ret", "invalid", "tokens", "sim"):
+    for key in ("ret", "invalid", "tokens", "sim", "revisit"):
         out[key] = float(np.mean([r[key] for r in rows])) if rows else 0.0
-    out["revisit"] = float(np.mean([r.get("revisit", False) for r in rows])) if rows else 0.0
     types = sorted({r["task_type"] for r in rows if r["task_type"]})
     if types:
         out["success_by_task_type"] = {t: float(np.mean([r["success"] for r in rows if r["task_type"] == t]))
@@ -128,7 +127,7 @@ def format_table(results):
         lo, hi = m["success_ci95"]
         lines.append(f"{split:<6}{m['episodes']:>5}{m['success']:>9.3f}{f'[{lo:.2f},{hi:.2f}]':>14}"
                      f"{m['steps']:>7.1f}{m['ret']:>8.2f}{m['invalid']:>9.3f}{m['tokens']:>8.1f}{m['sim']:>6.2f}"
-                     f"{m.get('revisit', 0.0):>9.2f}")
+                     f"{m['revisit']:>9.2f}")
     for split, m in results.items():
         for key in ("success_by_task_type", "success_by_length"):
             if key in m:

@@ -26,15 +26,14 @@ import agent  # noqa: E402
 import engine  # noqa: E402
 import envs  # noqa: E402
 import resim  # noqa: E402
-import search_tree  # noqa: E402
+import train  # noqa: E402
 
 
-def held_out(cfg, tok, n_episodes):
+def held_out(cfg, model, tok, n_episodes):
     rc = cfg["resim"]
-    act = search_tree.make_policy("expert", eps=rc["eps"])
+    act, value, aggregate = train.search_parts(cfg, model, tok, model.device)   # the run's own search
     records, _ = resim.collect(cfg["env"], cfg["env_kwargs"], envs.split_seeds("id", n_episodes), act=act,
-                               value=search_tree.make_value("expert", gamma=rc["gamma"]),
-                               aggregate=resim.template_aggregate, tokenizer=tok, b=rc["b"], d=rc["d"],
+                               value=value, aggregate=aggregate, tokenizer=tok, b=rc["b"], d=rc["d"],
                                b_train=rc["b_train"], plan_order=rc["plan_order"], history_k=cfg["history_k"],
                                system=cfg["system"], seed=cfg["seed"], progress=False, split="id")
     return records
@@ -73,7 +72,7 @@ def main():
     random.Random(0).shuffle(train)
     heldout = []
     for k in (max(8, args.n // 3), args.n * 2):   # enough held-out episodes for n steps
-        heldout = [r for r in held_out(cfg, tok, k) if r.kind == "resim"]
+        heldout = [r for r in held_out(cfg, model, tok, k) if r.kind == "resim"]
         if len(heldout) >= args.n:
             break
     random.Random(0).shuffle(heldout)
