@@ -146,6 +146,9 @@ def main():
     ap.add_argument("--start", type=int, default=0, help="first seed index of the split")
     ap.add_argument("--max-new-tokens", type=int, default=None)
     ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                    help="weights to generate with: bfloat16 is what a training run (bf16: true) evaluates with; "
+                    "float32 rounds close greedy choices differently (a few points)")
     ap.add_argument("--history-k", type=int, default=None)
     ap.add_argument("--system", type=int, default=None, help="1/0: include the system prompt")
     ap.add_argument("--out", default=None, help="write the metrics JSON here")
@@ -165,7 +168,7 @@ def main():
         args.episodes = args.episodes or len(envs.make_env(env_name, args.split, **env_kwargs).games)
     args.episodes = args.episodes or 20
     t0 = time.time()
-    model, tok = agent.load_model(args.model)
+    model, tok = agent.load_model(args.model, dtype=args.dtype)
     seeds = envs.split_seeds(args.split, args.episodes, start=args.start)
     made, eps = play(model, tok, env_name, args.split, seeds, env_kwargs=env_kwargs, history_k=history_k,
                      system=system, max_new_tokens=max_new, temperature=args.temperature)

@@ -17,6 +17,7 @@ class Sample:
     prompt_ids: list        # what the policy saw (s_t, or s_ref for a refinement)
     response_ids: list      # the tokens it wrote (or the ReSim trace), EOS included
     advantage: float = 1.0  # the episode's advantage, A_refine, or 1 for SFT
+    drawn_under: list = None  # the prompt the response was sampled under, when not prompt_ids (tau': s_ref)
 
 
 def response_logprobs(model, prompt_ids, response_ids, pad_id, *, temperature=1.0, pad_to=1):
@@ -103,7 +104,8 @@ TURN_WEIGHTS = ("episode", "turn")
 
 
 def episode_samples(episodes, advantages, turn_weight="episode", refine=False, mean_turns=None):
-    """One Sample per turn, carrying its episode's advantage (refine: the turn's s_ref prompt, for tau'_refine).
+    """One Sample per turn, carrying its episode's advantage (refine: the turn's s_ref prompt, for tau'_refine;
+    otherwise a SimRollout turn gives tau': a_ref under s_t, drawn_under s_ref).
 
     turn_weight "episode": each turn's advantage is scaled by (mean turns) / (its episode's turns), so every
     episode weighs the same however many turns it took: the paper's 1/(G*T) sum over trajectories and turns,
@@ -121,7 +123,8 @@ def episode_samples(episodes, advantages, turn_weight="episode", refine=False, m
     out = []
     for ep, a in zip(episodes, advantages):
         w = mean_turns / len(ep.turns) if turn_weight == "episode" and ep.turns else 1.0
-        out += [Sample(t.refine_prompt_ids if refine else t.prompt_ids, t.response_ids, float(a) * w)
+        out += [Sample(t.refine_prompt_ids, t.response_ids, float(a) * w) if refine else   # tau'_refine
+                Sample(t.prompt_ids, t.response_ids, float(a) * w, drawn_under=t.refine_prompt_ids)  # tau, tau'
                 for t in ep.turns]
     return out
 
@@ -159,9 +162,12 @@ def agg_loss(loss_mat, mask, agg="token-mean", *, n_tok=None, n_seq=None, budget
 
 
 def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, beta=0.0, clip_low=0.2, clip_high=0.2,
-                agg="token-mean", n_tok=None, n_seq=None, budget=None):
+                clip_c=3.0, agg="token-mean", n_tok=None, n_seq=None, budget=None):
     """The clipped PPO/GRPO surrogate (+ beta * k3 KL to the reference), aggregated by `agg` (see agg_loss for
     n_tok, n_seq, budget). old_logp None: no ratio, the per-token loss is -A * log p (SFT when A = 1).
+    clip_c: dual clip (veRL's clip_ratio_c): where A < 0 the loss is at most -A * clip_c, so a token whose
+    ratio is already above clip_c is not pushed down further (on-policy ratios start at 1 and never reach it;
+    Dyna-GRPO's tau' ratios, against the prompt a_ref was drawn under, do).
     advantages: [B] (one per sequence, broadcast over its tokens) or [B, L]. Returns (loss, stats)."""
     if agg not in AGG_MODES:  # fail before any work
         raise ValueError(f"unknown agg {agg!r}: use one of {AGG_MODES}")
@@ -189,6 +195,7 @@ def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, beta=0.0, cl
         pg2 = -adv * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
         pg = torch.maximum(pg1, pg2)  # pessimistic bound: clip only takes away the incentive to move further
         clipped = (pg2 > pg1).to(logp.dtype)
+        pg = torch.where(adv < 0, torch.minimum(pg, -adv * clip_c), pg)   # dual clip
     per_token = pg
     kl = torch.zeros_like(logp)
     if ref_logp is not None:

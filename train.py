@@ -103,10 +103,13 @@ DEFAULTS = {
         "micro_batch": 16,        # samples per forward / backward
         "clip_low": 0.2,          # ratio clip: [1 - clip_low, 1 + clip_high] (DAPO's asymmetric clip)
         "clip_high": 0.28,        # (clip_high > clip_low lets unlikely good tokens grow faster)
+        "clip_c": 3.0,            # dual clip: a negative advantage stops pushing at ratio clip_c (veRL's default)
         "beta": 0.0,              # k3 KL to the initial policy (0: no reference model)
         "turn_weight": "episode",  # episode: every episode weighs the same | turn: every turn (grpo.episode_samples)
         "agg": "token-mean",      # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm (Dr. GRPO)
         "temperature": 1.0,       # sampling temperature; the update's log-probs use it too (as veRL)
+        "tau_prime_old": "s_ref",  # Dyna-GRPO's tau' (a_ref trained under s_t): old log-probs under s_ref, the
+                                  # prompt a_ref was drawn from (the importance ratio) | s_t (ratio 1: no clip)
         "n_T": 1,                 # Dyna-GRPO: simulation-improvement steps per iteration
         "n_pi": 1,                # Dyna-GRPO: policy-improvement steps per iteration
         "sim_depth": 5,           # SimRollout: at most this many actions of a plan are executed
@@ -170,10 +173,35 @@ def sft_step(model, opt, sched, batch, pad, sc, bf16, world, fwd=None):
     return dict(loss=total, grad_norm=float(gnorm), lr=sched.get_last_lr()[0])
 
 
+TAU_PRIME_OLD = ("s_ref", "s_t")
+
+
+def old_logprobs(model, chunk, logp, pad, bf16, temperature, every_row=False):
+    """Old log-probs of a chunk for the ratio: the first pass's `logp`, except where a response was drawn under
+    another prompt (tau': a_ref was sampled from pi(. | s_ref) but is trained under s_t). Those rows get
+    log pi_old(a_ref | s_ref), so the ratio is the importance weight of the distribution that drew the tokens
+    and the clips act on it: a negative advantage stops pushing a token down once s_t finds it much less likely
+    than the sampler did (ratio < 1 - clip_low) or much likelier (ratio > clip_c, the dual clip). Measured on
+    the main job's model, a_ref costs 0.27 nats a token under s_t and 0.06 under s_ref (bench/probe_tau_prime.py).
+    every_row: re-score every row (FSDP: every rank must run the same forwards)."""
+    old = logp.detach().float().clone()
+    rows = [b for b, s in enumerate(chunk) if every_row or s.drawn_under is not None]
+    if rows:
+        with torch.no_grad():
+            lp, _ = logprobs(model, [grpo.Sample(chunk[b].drawn_under or chunk[b].prompt_ids,
+                                                 chunk[b].response_ids) for b in rows], pad, bf16, temperature)
+        for k, b in enumerate(rows):
+            n = len(chunk[b].response_ids)
+            old[b, :n] = lp[k, :n].float()
+    return old
+
+
 def rl_update(model, ref, opt, samples, pad, rc, bf16, world, budget):
     """ppo_epochs optimiser steps of the clipped-ratio loss on the samples, in micro-batches.
-    - Old log-probs are the first pass's: the weights have not moved yet, so they are exact (also for tau',
-      whose a_ref was sampled under another prompt) and cost no extra forward. The reference's are taken once.
+    - Old log-probs are the first pass's: the weights have not moved yet, so they are exact and cost no extra
+      forward. tau' is the exception (old_logprobs): rl.tau_prime_old = s_ref takes them under the prompt a_ref
+      was drawn from, so the ratio is PPO's importance weight pi(a_ref | s_t) / pi_old(a_ref | s_ref).
+      The reference's are taken once.
     - The loss is normalised by the whole batch's tokens / sequences over all ranks, zero-advantage samples
       included (veRL), so micro_batch and the rank count do not change the update. With beta = 0 a
       zero-advantage sample has no gradient, so its forward and backward are skipped (not its tokens)."""
@@ -192,18 +220,22 @@ def rl_update(model, ref, opt, samples, pad, rc, bf16, world, budget):
     if ref is not None:
         with torch.no_grad():
             refs = [logprobs(ref, c, pad, bf16, rc["temperature"])[0].float() for c in chunks]
+    drawn = rc["tau_prime_old"] == "s_ref" and allsum(sum(s.drawn_under is not None for s in samples), world) > 0
     old, stats, dev = [None] * len(chunks), [], next(model.parameters()).device
     for epoch in range(rc["ppo_epochs"]):
         for i, c in enumerate(chunks):
             logp, mask = logprobs(model, c, pad, bf16, rc["temperature"])
+            if epoch == 0 and drawn:
+                old[i] = old_logprobs(model, c, logp, pad, bf16, rc["temperature"], every_row=sharded(model))
+            elif epoch == 0:
+                old[i] = logp.detach().float()
             if i >= real:                        # padding: the same collectives, zero gradient
                 (logp.float().sum() * 0.0).backward()
                 continue
-            if epoch == 0:
-                old[i] = logp.detach().float()
             adv = torch.tensor([s.advantage for s in c], device=dev)
             loss, st = grpo.policy_loss(logp.float(), old[i], adv, mask, ref_logp=refs[i], beta=rc["beta"],
-                                        clip_low=rc["clip_low"], clip_high=rc["clip_high"], agg=rc["agg"], **norm)
+                                        clip_low=rc["clip_low"], clip_high=rc["clip_high"], clip_c=rc["clip_c"],
+                                        agg=rc["agg"], **norm)
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"non-finite RL loss {loss.item()}")
             loss.backward()
@@ -389,6 +421,10 @@ def stage_rl(stage, cfg, rank, world, device, run):
         raise ValueError(f"rl.turn_weight must be one of {grpo.TURN_WEIGHTS}, got {rc['turn_weight']!r}")
     if rc["fail_return"] not in ("paper", "cap"):
         raise ValueError(f"rl.fail_return must be paper or cap, got {rc['fail_return']!r}")
+    if rc["clip_c"] <= 1:
+        raise ValueError(f"rl.clip_c must be > 1 (the dual clip caps ratios above it), got {rc['clip_c']}")
+    if rc["tau_prime_old"] not in TAU_PRIME_OLD:
+        raise ValueError(f"rl.tau_prime_old must be one of {TAU_PRIME_OLD}, got {rc['tau_prime_old']!r}")
     model, tok = load_init(cfg, device)
     ref = copy.deepcopy(model).eval().requires_grad_(False) if rc["beta"] > 0 else None   # the initial policy
     model = common.shard(model, cfg, world)

@@ -137,15 +137,28 @@ def test_asymmetric_clip():
     old = torch.zeros(1, 2)
     logp = torch.log(torch.tensor([[1.5, 5.0]]))
     adv = torch.tensor([[1.0, -1.0]])
-    loss, _ = grpo.policy_loss(logp, old, adv, torch.ones(1, 2), clip_low=0.2, clip_high=0.28)
+    loss, _ = grpo.policy_loss(logp, old, adv, torch.ones(1, 2), clip_low=0.2, clip_high=0.28, clip_c=10.0)
     assert loss.item() == pytest.approx((-1.28 + 5.0) / 2, abs=1e-6)
+
+
+def test_dual_clip_stops_pushing_down_tokens_far_above_their_old_probability():
+    """veRL's clip_ratio_c: for A < 0 the per-token loss is min(max(-A r, -A clip(r)), -A c). A token at ratio 5
+    with A = -1 (tau': likelier under s_t than under the s_ref it was drawn from) costs 3 and gets no gradient;
+    below c, and for A > 0, nothing changes."""
+    old = torch.zeros(1, 3)
+    logp = torch.log(torch.tensor([[5.0, 2.0, 5.0]])).requires_grad_()
+    adv = torch.tensor([[-1.0, -1.0, 1.0]])
+    loss, _ = grpo.policy_loss(logp, old, adv, torch.ones(1, 3), clip_low=0.2, clip_high=0.28)
+    assert loss.item() == pytest.approx((3.0 + 2.0 - 1.28) / 3, abs=1e-6)
+    loss.backward()
+    assert torch.allclose(logp.grad, torch.tensor([[0.0, 2.0 / 3, 0.0]]), atol=1e-6)
 
 
 def test_log_ratio_clamped():
     logp, old = torch.tensor([[0.0]]), torch.tensor([[-50.0]])
     loss, stats = grpo.policy_loss(logp, old, torch.tensor([-1.0]), torch.ones(1, 1))
     assert stats["ratio_mean"] == pytest.approx(math.exp(20.0), rel=1e-5)
-    assert math.isfinite(loss.item())
+    assert math.isfinite(loss.item()) and loss.item() == pytest.approx(3.0)   # A < 0: the dual clip's -A * c
 
 
 def test_k3_kl_value_and_clamp():

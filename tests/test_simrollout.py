@@ -118,6 +118,8 @@ def test_simulation_samples_share_a_refs_tokens_and_reward_improvements(tok, mon
     for a, b, t in zip(tau_p, refine, [t for ep in sim for t in ep.turns]):
         assert a.response_ids == b.response_ids == t.response_ids
         assert a.prompt_ids == t.prompt_ids and b.prompt_ids == t.refine_prompt_ids != t.prompt_ids
+        assert a.drawn_under == t.refine_prompt_ids and b.drawn_under is None   # tau': the ratio's old prompt
+    assert all(s.drawn_under is None for s in group[:-n_sim_turns])          # plain rollouts: drawn under s_t
     assert all(s.advantage > 0 for s in tau_p) and all(s.advantage < 0 for s in group[:-n_sim_turns])
     # both SimRollouts solved it in 3 steps, better than the plain mean: but not better than their own mean
     assert stats["simrollout_success"] == 1.0 and stats["a_refine_mean"] == 0.0

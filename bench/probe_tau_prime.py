@@ -1,0 +1,75 @@
+"""How far is Dyna-GRPO's tau' from the policy it trains? One simulation step's rollouts from a model (G/2
+SimRollouts + G/2 plain rollouts per task, as train.simulation_phase runs them), then the log-probs of:
+
+    a_ref | s_t     tau': the refined answer under the plain prompt it is trained under
+    a_ref | s_ref   the same tokens under the refinement prompt they were drawn from
+    plain | s_t     an ordinary rollout's answer under its own prompt (on-policy)
+
+per token (mean, share below p = 0.1), and the tau' ratio pi(a_ref | s_t) / pi(a_ref | s_ref) that
+rl.tau_prime_old = s_ref puts under the clips (share below 1 - clip_low, above 1 + clip_high and above clip_c).
+
+    python bench/probe_tau_prime.py runs/resim_sokoban/model [--tasks 8] [--group 8]
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import agent  # noqa: E402
+import common  # noqa: E402
+import envs  # noqa: E402
+import grpo  # noqa: E402
+import simrollout  # noqa: E402
+import train  # noqa: E402
+
+
+def token_logprobs(model, tok, prompts, responses, batch=16):
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(prompts), batch):
+            chunk = [grpo.Sample(p, r) for p, r in zip(prompts[i:i + batch], responses[i:i + batch])]
+            lp, mask = train.logprobs(model, chunk, tok.pad_token_id, True)
+            out += [lp[b, :int(mask[b].sum())].float().numpy() for b in range(len(chunk))]
+    return np.concatenate(out)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model")
+    ap.add_argument("--tasks", type=int, default=8)
+    ap.add_argument("--group", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=1)
+    args = ap.parse_args()
+    rc, saved = train.DEFAULTS["rl"], common.prompt_settings(args.model)
+    env_name, kw = saved.get("env", "sokoban"), saved.get("env_kwargs", {})
+    model, tok = agent.load_model(args.model)
+    model.eval()
+    policy = common.inference_copy(model, True)
+    seeds = [s for s in envs.split_seeds("train", args.tasks, start=rc["task_offset"]) for _ in range(args.group // 2)]
+    eps = simrollout.simrollout(policy, tok, [envs.make_env(env_name, "train", **kw) for _ in seeds * 2], seeds * 2,
+                                plain=len(seeds), seed=args.seed, d=rc["sim_depth"],
+                                gen_kwargs=dict(max_new_tokens=saved.get("max_new_tokens", 320),
+                                                temperature=rc["temperature"]),
+                                history_k=saved.get("history_k", 0), system=saved.get("system", True))
+    sim, plain = eps[:len(seeds)], eps[len(seeds):]
+    st = [t for ep in sim for t in ep.turns]
+    pl = [t for ep in plain for t in ep.turns]
+    under_st = token_logprobs(model, tok, [t.prompt_ids for t in st], [t.response_ids for t in st])
+    under_ref = token_logprobs(model, tok, [t.refine_prompt_ids for t in st], [t.response_ids for t in st])
+    own = token_logprobs(model, tok, [t.prompt_ids for t in pl], [t.response_ids for t in pl])
+    print(f"{args.model}: {args.tasks} tasks x {args.group}; success SimRollout "
+          f"{np.mean([e.success for e in sim]):.2f}, plain {np.mean([e.success for e in plain]):.2f}")
+    print(f"{'log-probs':16s} {'tokens':>7s} {'mean/token':>10s} {'p < 0.1':>8s}")
+    for name, x in (("a_ref | s_t", under_st), ("a_ref | s_ref", under_ref), ("plain | s_t", own)):
+        print(f"{name:16s} {len(x):7d} {x.mean():10.3f} {np.mean(np.exp(x) < 0.1):8.3f}")
+    r = np.exp(under_st - under_ref)
+    print(f"tau' ratio: mean log {np.log(r).mean():.3f}; share < {1 - rc['clip_low']:.2f}: "
+          f"{np.mean(r < 1 - rc['clip_low']):.3f}, > {1 + rc['clip_high']:.2f}: {np.mean(r > 1 + rc['clip_high']):.3f}, "
+          f"> clip_c {rc['clip_c']:.0f}: {np.mean(r > rc['clip_c']):.3f}")
+
+
+if __name__ == "__main__":
+    main()
