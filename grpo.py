@@ -123,9 +123,11 @@ def episode_samples(episodes, advantages, turn_weight="episode", refine=False, m
     out = []
     for ep, a in zip(episodes, advantages):
         w = mean_turns / len(ep.turns) if turn_weight == "episode" and ep.turns else 1.0
-        out += [Sample(t.refine_prompt_ids, t.response_ids, float(a) * w) if refine else   # tau'_refine
-                Sample(t.prompt_ids, t.response_ids, float(a) * w, drawn_under=t.refine_prompt_ids)  # tau, tau'
-                for t in ep.turns]
+        for t in ep.turns:
+            if refine:   # tau'_refine: a_ref under s_ref, where it was drawn
+                out.append(Sample(t.refine_prompt_ids, t.response_ids, float(a) * w))
+            else:        # tau (drawn under s_t), or tau' (a_ref under s_t, drawn under s_ref)
+                out.append(Sample(t.prompt_ids, t.response_ids, float(a) * w, drawn_under=t.refine_prompt_ids))
     return out
 
 
@@ -171,6 +173,8 @@ def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, beta=0.0, cl
     advantages: [B] (one per sequence, broadcast over its tokens) or [B, L]. Returns (loss, stats)."""
     if agg not in AGG_MODES:  # fail before any work
         raise ValueError(f"unknown agg {agg!r}: use one of {AGG_MODES}")
+    if clip_c <= 1:
+        raise ValueError(f"clip_c must be > 1, got {clip_c}")
     if logp.shape != mask.shape or (old_logp is not None and old_logp.shape != logp.shape):
         raise ValueError(f"logp {tuple(logp.shape)}, old_logp {None if old_logp is None else tuple(old_logp.shape)}"
                          f" and mask {tuple(mask.shape)} must have the same shape")
@@ -195,7 +199,9 @@ def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, beta=0.0, cl
         pg2 = -adv * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
         pg = torch.maximum(pg1, pg2)  # pessimistic bound: clip only takes away the incentive to move further
         clipped = (pg2 > pg1).to(logp.dtype)
-        pg = torch.where(adv < 0, torch.minimum(pg, -adv * clip_c), pg)   # dual clip
+        dual = (adv < 0) & (pg > -adv * clip_c)
+        pg = torch.where(dual, -adv * clip_c, pg)   # dual clip
+        clipped = torch.maximum(clipped, dual.to(logp.dtype))   # no gradient either way
     per_token = pg
     kl = torch.zeros_like(logp)
     if ref_logp is not None:

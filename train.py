@@ -176,37 +176,33 @@ def sft_step(model, opt, sched, batch, pad, sc, bf16, world, fwd=None):
 TAU_PRIME_OLD = ("s_ref", "s_t")
 
 
-def old_logprobs(model, chunk, logp, pad, bf16, temperature, every_row=False):
-    """Old log-probs of a chunk for the ratio: the first pass's `logp`, except where a response was drawn under
-    another prompt (tau': a_ref was sampled from pi(. | s_ref) but is trained under s_t). Those rows get
-    log pi_old(a_ref | s_ref), so the ratio is the importance weight of the distribution that drew the tokens
-    and the clips act on it: a negative advantage stops pushing a token down once s_t finds it much less likely
-    than the sampler did (ratio < 1 - clip_low) or much likelier (ratio > clip_c, the dual clip). Measured on
-    the main job's model, a_ref costs 0.27 nats a token under s_t and 0.06 under s_ref (bench/probe_tau_prime.py).
-    every_row: re-score every row (FSDP: every rank must run the same forwards)."""
-    old = logp.detach().float().clone()
-    rows = [b for b, s in enumerate(chunk) if every_row or s.drawn_under is not None]
-    if rows:
-        with torch.no_grad():
-            lp, _ = logprobs(model, [grpo.Sample(chunk[b].drawn_under or chunk[b].prompt_ids,
-                                                 chunk[b].response_ids) for b in rows], pad, bf16, temperature)
-        for k, b in enumerate(rows):
-            n = len(chunk[b].response_ids)
-            old[b, :n] = lp[k, :n].float()
-    return old
+def drawn_logprobs(model, chunk, pad, bf16, temperature, collective=False):
+    """{row: log pi_old(response | the prompt it was drawn under)} for a chunk's rows sampled under another prompt
+    than they are trained under (tau': a_ref was drawn from pi(. | s_ref)). As their old log-probs they make the
+    ratio pi(a_ref | s_t) / pi_old(a_ref | s_ref), the importance weight of the distribution that drew the
+    tokens, and the clips act on it: a negative advantage stops pushing a token down once s_t finds it much less
+    likely than the sampler did (ratio < 1 - clip_low) or much likelier (ratio > clip_c, the dual clip); how far
+    apart the two are: bench/probe_tau_prime.py. collective (FSDP): every rank runs one forward per chunk."""
+    rows = [b for b, s in enumerate(chunk) if s.drawn_under is not None]
+    if not rows and not collective:
+        return {}
+    batch = [grpo.Sample(chunk[b].drawn_under, chunk[b].response_ids) for b in rows] or [grpo.Sample([pad], [pad])]
+    with torch.no_grad():
+        lp, _ = logprobs(model, batch, pad, bf16, temperature)
+    return {b: lp[k, :len(chunk[b].response_ids)].float() for k, b in enumerate(rows)}
 
 
 def rl_update(model, ref, opt, samples, pad, rc, bf16, world, budget):
     """ppo_epochs optimiser steps of the clipped-ratio loss on the samples, in micro-batches.
     - Old log-probs are the first pass's: the weights have not moved yet, so they are exact and cost no extra
-      forward. tau' is the exception (old_logprobs): rl.tau_prime_old = s_ref takes them under the prompt a_ref
-      was drawn from, so the ratio is PPO's importance weight pi(a_ref | s_t) / pi_old(a_ref | s_ref).
-      The reference's are taken once.
+      forward. tau' is the exception: with rl.tau_prime_old = s_ref they are taken under s_ref, the prompt a_ref
+      was drawn under (drawn_logprobs), in a pass before the first, as the reference's are.
     - The loss is normalised by the whole batch's tokens / sequences over all ranks, zero-advantage samples
       included (veRL), so micro_batch and the rank count do not change the update. With beta = 0 a
       zero-advantage sample has no gradient, so its forward and backward are skipped (not its tokens)."""
     norm = dict(n_tok=max(1, allsum(sum(len(s.response_ids) for s in samples), world)),
                 n_seq=max(1, allsum(sum(len(s.response_ids) > 0 for s in samples), world)), budget=budget)
+    use_drawn = rc["tau_prime_old"] == "s_ref" and allsum(sum(s.drawn_under is not None for s in samples), world) > 0
     if rc["beta"] == 0:
         samples = [s for s in samples if s.advantage != 0.0]
     chunks = micro_batches(samples, rc["micro_batch"])
@@ -220,15 +216,17 @@ def rl_update(model, ref, opt, samples, pad, rc, bf16, world, budget):
     if ref is not None:
         with torch.no_grad():
             refs = [logprobs(ref, c, pad, bf16, rc["temperature"])[0].float() for c in chunks]
-    drawn = rc["tau_prime_old"] == "s_ref" and allsum(sum(s.drawn_under is not None for s in samples), world) > 0
+    drawn = [{}] * len(chunks)
+    if use_drawn:
+        drawn = [drawn_logprobs(model, c, pad, bf16, rc["temperature"], collective=sharded(model)) for c in chunks]
     old, stats, dev = [None] * len(chunks), [], next(model.parameters()).device
     for epoch in range(rc["ppo_epochs"]):
         for i, c in enumerate(chunks):
             logp, mask = logprobs(model, c, pad, bf16, rc["temperature"])
-            if epoch == 0 and drawn:
-                old[i] = old_logprobs(model, c, logp, pad, bf16, rc["temperature"], every_row=sharded(model))
-            elif epoch == 0:
-                old[i] = logp.detach().float()
+            if epoch == 0:
+                old[i] = logp.detach().float().clone()
+                for b, lp in drawn[i].items():
+                    old[i][b, :len(lp)] = lp
             if i >= real:                        # padding: the same collectives, zero gradient
                 (logp.float().sum() * 0.0).backward()
                 continue
@@ -415,8 +413,8 @@ def load_init(cfg, device):
     return agent.load_model(init, device=device, attn=cfg["attn"])
 
 
-def stage_rl(stage, cfg, rank, world, device, run):
-    rc = cfg["rl"]
+def check_rl_config(rc):
+    """The RL options that are choices, checked before a run directory is touched."""
     if rc["turn_weight"] not in grpo.TURN_WEIGHTS:
         raise ValueError(f"rl.turn_weight must be one of {grpo.TURN_WEIGHTS}, got {rc['turn_weight']!r}")
     if rc["fail_return"] not in ("paper", "cap"):
@@ -425,6 +423,10 @@ def stage_rl(stage, cfg, rank, world, device, run):
         raise ValueError(f"rl.clip_c must be > 1 (the dual clip caps ratios above it), got {rc['clip_c']}")
     if rc["tau_prime_old"] not in TAU_PRIME_OLD:
         raise ValueError(f"rl.tau_prime_old must be one of {TAU_PRIME_OLD}, got {rc['tau_prime_old']!r}")
+
+
+def stage_rl(stage, cfg, rank, world, device, run):
+    rc = cfg["rl"]
     model, tok = load_init(cfg, device)
     ref = copy.deepcopy(model).eval().requires_grad_(False) if rc["beta"] > 0 else None   # the initial policy
     model = common.shard(model, cfg, world)
@@ -526,6 +528,7 @@ def main(argv=None):
         if cfg["attn"] not in ("eager", "sdpa"):
             raise ValueError(f"attn must be eager or sdpa, got {cfg['attn']!r}")
         envs.check_env_config(cfg["env"], cfg["env_kwargs"])      # an unknown env fails here, before any work
+        check_rl_config(cfg["rl"])
     except (ValueError, KeyError, OSError, yaml.YAMLError) as e:
         raise SystemExit(f"{'resume' if args.resume else 'config'} error: {e}")
     rank, world, device = common.setup_dist(cfg["device"])

@@ -27,11 +27,12 @@ import train  # noqa: E402
 
 
 def token_logprobs(model, tok, prompts, responses, batch=16):
+    """Per-token log-probs at the RL sampling temperature (as rl_update takes them), all rows concatenated."""
     out = []
     with torch.no_grad():
         for i in range(0, len(prompts), batch):
             chunk = [grpo.Sample(p, r) for p, r in zip(prompts[i:i + batch], responses[i:i + batch])]
-            lp, mask = train.logprobs(model, chunk, tok.pad_token_id, True)
+            lp, mask = train.logprobs(model, chunk, tok.pad_token_id, True, train.DEFAULTS["rl"]["temperature"])
             out += [lp[b, :int(mask[b].sum())].float().numpy() for b in range(len(chunk))]
     return np.concatenate(out)
 
@@ -66,9 +67,9 @@ def main():
     for name, x in (("a_ref | s_t", under_st), ("a_ref | s_ref", under_ref), ("plain | s_t", own)):
         print(f"{name:16s} {len(x):7d} {x.mean():10.3f} {np.mean(np.exp(x) < 0.1):8.3f}")
     r = np.exp(under_st - under_ref)
-    print(f"tau' ratio: mean log {np.log(r).mean():.3f}; share < {1 - rc['clip_low']:.2f}: "
-          f"{np.mean(r < 1 - rc['clip_low']):.3f}, > {1 + rc['clip_high']:.2f}: {np.mean(r > 1 + rc['clip_high']):.3f}, "
-          f"> clip_c {rc['clip_c']:.0f}: {np.mean(r > rc['clip_c']):.3f}")
+    lo, hi = 1 - rc["clip_low"], 1 + rc["clip_high"]
+    print(f"tau' ratio: mean log {np.log(r).mean():.3f}; share < {lo:.2f}: {np.mean(r < lo):.3f}, "
+          f"> {hi:.2f}: {np.mean(r > hi):.3f}, > clip_c {rc['clip_c']:.0f}: {np.mean(r > rc['clip_c']):.3f}")
 
 
 if __name__ == "__main__":

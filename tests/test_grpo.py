@@ -148,15 +148,18 @@ def test_dual_clip_stops_pushing_down_tokens_far_above_their_old_probability():
     old = torch.zeros(1, 3)
     logp = torch.log(torch.tensor([[5.0, 2.0, 5.0]])).requires_grad_()
     adv = torch.tensor([[-1.0, -1.0, 1.0]])
-    loss, _ = grpo.policy_loss(logp, old, adv, torch.ones(1, 3), clip_low=0.2, clip_high=0.28)
+    loss, stats = grpo.policy_loss(logp, old, adv, torch.ones(1, 3), clip_low=0.2, clip_high=0.28, clip_c=3.0)
     assert loss.item() == pytest.approx((3.0 + 2.0 - 1.28) / 3, abs=1e-6)
+    assert stats["clip_frac"] == pytest.approx(2 / 3)   # the dual-clipped token and the clipped A > 0 one
     loss.backward()
     assert torch.allclose(logp.grad, torch.tensor([[0.0, 2.0 / 3, 0.0]]), atol=1e-6)
+    with pytest.raises(ValueError, match="clip_c"):
+        grpo.policy_loss(logp, old, adv, torch.ones(1, 3), clip_c=1.0)
 
 
 def test_log_ratio_clamped():
     logp, old = torch.tensor([[0.0]]), torch.tensor([[-50.0]])
-    loss, stats = grpo.policy_loss(logp, old, torch.tensor([-1.0]), torch.ones(1, 1))
+    loss, stats = grpo.policy_loss(logp, old, torch.tensor([-1.0]), torch.ones(1, 1), clip_c=3.0)
     assert stats["ratio_mean"] == pytest.approx(math.exp(20.0), rel=1e-5)
     assert math.isfinite(loss.item()) and loss.item() == pytest.approx(3.0)   # A < 0: the dual clip's -A * c
 

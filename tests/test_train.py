@@ -50,6 +50,8 @@ def test_every_config_key_is_documented_where_it_is_defined():
     (["env=chess"], "unknown env 'chess'"),
     (["env_kwargs={colour: red}"], "unknown sokoban option"),
     (["attn=flash"], "attn must be eager or sdpa"),
+    (["rl.tau_prime_old=s_0"], "rl.tau_prime_old must be one of"),
+    (["rl.clip_c=1.0"], "rl.clip_c must be > 1"),
 ])
 def test_cli_config_error_is_one_clear_message(args, match):
     with pytest.raises(SystemExit, match=f"config error: .*{match}"):
@@ -165,28 +167,27 @@ def test_tau_prime_old_log_probs_are_taken_under_the_prompt_a_ref_was_drawn_from
     """tau' trains a_ref under s_t, but a_ref was sampled under s_ref: with tau_prime_old = s_ref the ratio is
     pi(a_ref | s_t) / pi_old(a_ref | s_ref) (so the clip acts); with s_t it is 1 (the first pass's log-probs)."""
     model, tok = agent.load_model("tiny", dtype=torch.float32, **SMALL)
-    samples = _samples(tok, [1.0, -1.0, 0.5])
-    s_ref = tok("real states after your plan " * 3, add_special_tokens=False)["input_ids"]
-    samples[1] = grpo.Sample(samples[1].prompt_ids, samples[1].response_ids, -1.0, drawn_under=s_ref)
+    samples = _samples(tok, [1.0, -1.0, 0.5])          # responses of 4, 8 and 12 tokens
+    s_ref = [tok(f"real states after plan {i} " * 3, add_special_tokens=False)["input_ids"] for i in range(2)]
+    for i in range(2):   # two tau' rows, shorter than the longest response of their micro-batch
+        samples[i] = grpo.Sample(samples[i].prompt_ids, samples[i].response_ids, samples[i].advantage,
+                                 drawn_under=s_ref[i])
 
-    def expected(old_prompt):
+    def expected(old_prompts):
         model.zero_grad()
         logp, mask = grpo.response_logprobs(model, [s.prompt_ids for s in samples],
                                             [s.response_ids for s in samples], 0)
-        old_prompts = [s.prompt_ids for s in samples]
-        old_prompts[1] = old_prompt
         with torch.no_grad():
             old, _ = grpo.response_logprobs(model, old_prompts, [s.response_ids for s in samples], 0)
-        grpo.policy_loss(logp, old, torch.tensor([s.advantage for s in samples]), mask,
-                         clip_low=RC["clip_low"], clip_high=RC["clip_high"])[0].backward()
+        grpo.policy_loss(logp, old, torch.tensor([s.advantage for s in samples]), mask, clip_low=RC["clip_low"],
+                         clip_high=RC["clip_high"], clip_c=RC["clip_c"])[0].backward()
         return [p.grad.clone() for p in model.parameters()]
-    by_s_ref = _grads(model, samples, micro_batch=2, grad_clip=1e9)
+    by_s_ref = _grads(model, samples, grad_clip=1e9)
     by_s_t = _grads(model, samples, tau_prime_old="s_t", grad_clip=1e9)
-    for got, want in ((by_s_ref, expected(s_ref)), (by_s_t, expected(samples[1].prompt_ids))):
+    for got, want in ((by_s_ref, expected(s_ref + [samples[2].prompt_ids])),
+                      (by_s_t, expected([s.prompt_ids for s in samples]))):
         assert all(torch.allclose(g, w, atol=1e-6) for g, w in zip(got, want))
     assert not all(torch.allclose(g, w, atol=1e-6) for g, w in zip(by_s_ref, by_s_t))
-    with pytest.raises(ValueError, match="tau_prime_old"):
-        train.main(["--stage", "dyna_grpo", "rl.tau_prime_old=s_0"] + TINY)
 
 
 def test_an_rl_update_moves_the_weights():
