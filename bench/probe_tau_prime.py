@@ -22,7 +22,6 @@ import agent  # noqa: E402
 import common  # noqa: E402
 import envs  # noqa: E402
 import grpo  # noqa: E402
-import simrollout  # noqa: E402
 import train  # noqa: E402
 
 
@@ -44,18 +43,17 @@ def main():
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args()
-    rc, saved = train.DEFAULTS["rl"], common.prompt_settings(args.model)
-    env_name, kw = saved.get("env", "sokoban"), saved.get("env_kwargs", {})
+    saved = common.prompt_settings(args.model)
+    cfg = dict(train.DEFAULTS, **{k: saved[k] for k in ("env", "env_kwargs", "history_k", "system", "max_new_tokens")
+                                  if k in saved})
+    cfg["rl"] = rc = dict(train.DEFAULTS["rl"], group=args.group)
     model, tok = agent.load_model(args.model)
     model.eval()
-    policy = common.inference_copy(model, True)
-    seeds = [s for s in envs.split_seeds("train", args.tasks, start=rc["task_offset"]) for _ in range(args.group // 2)]
-    eps = simrollout.simrollout(policy, tok, [envs.make_env(env_name, "train", **kw) for _ in seeds * 2], seeds * 2,
-                                plain=len(seeds), seed=args.seed, d=rc["sim_depth"],
-                                gen_kwargs=dict(max_new_tokens=saved.get("max_new_tokens", 320),
-                                                temperature=rc["temperature"]),
-                                history_k=saved.get("history_k", 0), system=saved.get("system", True))
-    sim, plain = eps[:len(seeds)], eps[len(seeds):]
+    tasks = envs.split_seeds("train", args.tasks, start=rc["task_offset"])
+    eps, _, _ = train.simulation_phase(common.inference_copy(model, True), tok, tasks, cfg, lambda role: args.seed,
+                                       lambda ep: 0.0)      # the rollouts of one simulation step, as training runs it
+    sim = [ep for ep in eps if ep.turns[0].refine_prompt_ids is not None]
+    plain = [ep for ep in eps if ep.turns[0].refine_prompt_ids is None]
     st = [t for ep in sim for t in ep.turns]
     pl = [t for ep in plain for t in ep.turns]
     under_st = token_logprobs(model, tok, [t.prompt_ids for t in st], [t.response_ids for t in st])
