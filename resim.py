@@ -93,21 +93,24 @@ def order_plans(first, others, plan_order, rng):
 
 # ---- Algorithm 3: one ReSim episode --------------------------------------------------------------------
 
-def refinement_example(env, history, obs, tree, *, plan_order, rng, tokenizer, history_k, system):
-    """A SimRollout-format prompt from the same real tree: the "previous answer" chose a worse rollout, and
-    the refinement prompt shows that rollout's real future states. (The target is the ReSim trace.) A model
-    trained from scratch has never seen a refinement prompt; without these its SimRollout answers are
-    unreadable and A_refine never fires."""
+def refinement_example(env, history, obs, tree, *, plan_order, rng, tokenizer, history_k, system, keep=0.5):
+    """A SimRollout-format prompt from the same real tree: the "previous answer" compares the best rollout with a
+    worse one and chooses the best (a `keep` share: the refinement keeps its action) or the worse (it must
+    switch); the refinement prompt shows the chosen rollout's real future states. (The target is the ReSim
+    trace.) A model trained from scratch has never seen a refinement prompt; without these its SimRollout
+    answers are unreadable and A_refine never fires. With keep = 0 every example switches, and the model learns
+    that a refinement always changes the action, a right one too (README, Stage 2: bench/probe_refine.py)."""
     worse = tree[1]
-    plans, best = order_plans(worse, [tree[0]], plan_order, rng)
-    previous = agent.format_response(plans, best=best, action=worse.actions[0])
-    futures = list(zip(worse.actions, worse.observations))
+    plans, i_worse = order_plans(worse, [tree[0]], plan_order, rng)
+    chosen, shown = (1 - i_worse, tree[0]) if keep > 0 and rng.random() < keep else (i_worse, worse)
+    previous = agent.format_response(plans, best=chosen, action=shown.actions[0])
+    futures = list(zip(shown.actions, shown.observations))
     return simrollout.refinement_prompt(tokenizer, env, history, obs, previous, futures,
                                         history_k=history_k, system=system)
 
 
 def resim_episode(env, seed, *, b, d, b_train, plan_order, act, value, aggregate, rng, tokenizer, history_k,
-                  system, refine_frac=0.0, detour=0.0, env_kwargs=None):
+                  system, refine_frac=0.0, refine_keep=0.5, detour=0.0, env_kwargs=None):
     """Algorithm 3 on one episode. Returns (records, success): one record per real step, plus a refinement
     record for a `refine_frac` share of the steps. With probability `detour` the real env takes the first
     action of another rollout whose leaf is still solvable instead of the chosen one: the trace still teaches
@@ -127,7 +130,7 @@ def resim_episode(env, seed, *, b, d, b_train, plan_order, act, value, aggregate
         if len(tree) > 1 and rng.random() < refine_frac:
             records.append(dataclasses.replace(rec, kind="refine", prompt=refinement_example(
                 env, history, obs, tree, plan_order=plan_order, rng=rng, tokenizer=tokenizer,
-                history_k=history_k, system=system)))
+                history_k=history_k, system=system, keep=refine_keep)))
         taken = action
         if detour and rng.random() < detour:
             alternatives = [r for r in tree[1:] if r.value > 0]
@@ -139,8 +142,8 @@ def resim_episode(env, seed, *, b, d, b_train, plan_order, act, value, aggregate
 
 
 def collect(env_name, env_kwargs, seeds, *, act, value, aggregate, tokenizer, b=4, d=1, b_train=2,
-            plan_order="shuffled", refine_frac=0.0, detour=0.0, history_k=0, system=True, seed=0, progress=True,
-            split="train"):
+            plan_order="shuffled", refine_frac=0.0, refine_keep=0.5, detour=0.0, history_k=0, system=True, seed=0,
+            progress=True, split="train"):
     """ReSim data for many episodes of a split (train; a held-out one only to probe a model, as
     bench/probe_traces.py does); keeps the successful ones. Returns (records, stats)."""
     env = envs.make_env(env_name, split, **env_kwargs)
@@ -149,7 +152,8 @@ def collect(env_name, env_kwargs, seeds, *, act, value, aggregate, tokenizer, b=
         rng = np.random.default_rng([seed, s])   # per episode: the same trees however seeds are sharded
         recs, ok = resim_episode(env, s, b=b, d=d, b_train=b_train, plan_order=plan_order, act=act, value=value,
                                  aggregate=aggregate, rng=rng, tokenizer=tokenizer, history_k=history_k,
-                                 system=system, refine_frac=refine_frac, detour=detour, env_kwargs=env_kwargs)
+                                 system=system, refine_frac=refine_frac, refine_keep=refine_keep, detour=detour,
+                                 env_kwargs=env_kwargs)
         solved += ok
         records += recs if ok else []
     stats = dict(episodes=len(seeds), solved=solved, steps=sum(r.kind == "resim" for r in records),

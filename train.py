@@ -76,6 +76,7 @@ DEFAULTS = {
         "value": "expert",        # leaf value: expert (gamma ** steps-to-go) | mc (Appendix D.3) | llm
         "gamma": 0.9,             # the value's discount
         "refine_frac": 0.05,      # share of steps that also give a SimRollout-format example (README)
+        "refine_keep": 0.5,       # share of those whose previous answer already chose the best plan (kept)
         "detour": 0.0,            # share of steps where the real env takes another plan's action (off-path states)
         "aggregator": "template",  # template | llm: a model writes the comparison between the plans
         "aggregator_model": "",   # the model for the llm aggregator / rollout / value ("": the one trained)
@@ -117,6 +118,8 @@ DEFAULTS = {
         "fail_return": "paper",   # paper: -0.1 a step | cap: a failure costs the whole step budget
         "grad_clip": 1.0,         # max gradient norm
         "task_offset": 100000,    # RL tasks are train seeds from here on (ReSim searched the first ones)
+        "min_moves": 0,           # RL tasks: only rooms whose optimal solution takes at least this many moves
+                                  # (0: every room; Sokoban, env.solution_length; train.rl_task_pool)
     },
     "eval": {                     # held-out evaluation after training (evaluate.py)
         "id": 200,                # held-out ID episodes (0: skip)
@@ -283,7 +286,8 @@ def traces(cfg, model, tok, device, rank, world, run):
     seeds = envs.split_seeds("train", rc["episodes"])[rank::world]
     records, stats = resim.collect(cfg["env"], cfg["env_kwargs"], seeds, act=act, value=value, aggregate=aggregate,
                                    tokenizer=tok, b=rc["b"], d=rc["d"], b_train=rc["b_train"],
-                                   plan_order=rc["plan_order"], refine_frac=rc["refine_frac"], detour=rc["detour"],
+                                   plan_order=rc["plan_order"], refine_frac=rc["refine_frac"],
+                                   refine_keep=rc["refine_keep"], detour=rc["detour"],
                                    history_k=cfg["history_k"], system=cfg["system"], seed=cfg["seed"],
                                    progress=rank == 0)
     records = sorted(gather(records, world), key=lambda r: (r.seed, r.step))   # stable: a step's refine after it
@@ -425,6 +429,28 @@ def check_rl_config(rc):
         raise ValueError(f"rl.tau_prime_old must be one of {TAU_PRIME_OLD}, got {rc['tau_prime_old']!r}")
 
 
+def rl_task_pool(cfg, n):
+    """The first n train seeds from rl.task_offset on that the RL stage plays, in order; step k takes the k-th
+    slice. With rl.min_moves, only rooms whose optimal solution is at least that long: 30% of the train rooms
+    take one move, where every rollout of a group succeeds alike and carries no gradient, while the greedy
+    policy's failures are the long rooms. Needs an env that knows its optimal length (Sokoban)."""
+    rc = cfg["rl"]
+    if rc["min_moves"] <= 0:
+        return envs.split_seeds("train", n, start=rc["task_offset"])
+    env, seeds, start = envs.make_env(cfg["env"], "train", **cfg["env_kwargs"]), [], rc["task_offset"]
+    while len(seeds) < n:
+        for seed in envs.split_seeds("train", 256, start=start):
+            env.reset(seed)
+            length = getattr(env, "solution_length", None)
+            if length is None and not hasattr(env, "solution_length"):
+                raise ValueError(f"rl.min_moves needs an env that knows its optimal solution length "
+                                 f"(env.solution_length: sokoban); {cfg['env']} does not")
+            if length is not None and length >= rc["min_moves"]:
+                seeds.append(seed)
+        start += 256
+    return seeds[:n]
+
+
 def stage_rl(stage, cfg, rank, world, device, run):
     rc = cfg["rl"]
     model, tok = load_init(cfg, device)
@@ -443,10 +469,11 @@ def stage_rl(stage, cfg, rank, world, device, run):
     policy = common.inference_copy(model, cfg["bf16"])
     compile_s = engine.warm_up(policy, tok) if engine.COMPILE else 0.0   # so that no step's rollout pays for it
     phases = (["sim"] * rc["n_T"] + ["pi"] * rc["n_pi"]) if stage == "dyna_grpo" else ["pi"]
+    per_step = rc["tasks"] * world
+    pool = rl_task_pool(cfg, rc["steps"] * per_step)                  # fresh train tasks every step
     for step in tqdm(range(first, rc["steps"]), desc=stage, initial=first, total=rc["steps"], disable=rank != 0):
         phase, t0 = phases[step % len(phases)], time.time()
-        start = rc["task_offset"] + step * rc["tasks"] * world          # fresh train tasks every step
-        tasks = envs.split_seeds("train", rc["tasks"] * world, start=start)[rank::world]
+        tasks = pool[step * per_step:(step + 1) * per_step][rank::world]
         seed_of = lambda role: sampling_seed(cfg["seed"], step, rank, role)   # noqa: E731
         policy = common.inference_copy(model, cfg["bf16"], into=policy)
         if phase == "sim":
@@ -529,6 +556,10 @@ def main(argv=None):
             raise ValueError(f"attn must be eager or sdpa, got {cfg['attn']!r}")
         envs.check_env_config(cfg["env"], cfg["env_kwargs"])      # an unknown env fails here, before any work
         check_rl_config(cfg["rl"])
+        if not 0 <= cfg["resim"]["refine_keep"] <= 1:
+            raise ValueError(f"resim.refine_keep is a share in [0, 1], got {cfg['resim']['refine_keep']}")
+        if stage != "resim" and cfg["rl"]["min_moves"] > 0:
+            rl_task_pool(cfg, 1)             # an env that cannot filter by length fails here, not mid-run
     except (ValueError, KeyError, OSError, yaml.YAMLError) as e:
         raise SystemExit(f"{'resume' if args.resume else 'config'} error: {e}")
     rank, world, device = common.setup_dist(cfg["device"])

@@ -102,15 +102,38 @@ def test_the_choice_comes_after_the_plans_and_the_best_plan_is_anywhere():
     assert all(agent.parse_response(r.response).best == 0 for r in first if r.kind == "resim")
 
 
-def test_refinement_examples_choose_a_worse_plan_before_the_real_future_is_shown():
-    recs, _, tok = _collect(30, eps=0.6, b=4, d=1, b_train=2, refine_frac=1.0)
-    refine = [r for r in recs if r.kind == "refine"]
-    assert refine
-    for r in refine:
-        prev = r.prompt.split("<|im_start|>assistant\n")[1].split("<|im_end|>")[0]
-        p = agent.parse_response(prev)
-        assert p.plans[p.best].value == min(q.value for q in p.plans)        # the previous answer chose worse
-        assert "Real states after your plan" in r.prompt and r.prompt.endswith("<|im_start|>assistant\n")
+def _previous_answers(recs):
+    """(the previous answer parsed, the real states shown after it, the trace's action) of each refine record."""
+    out = []
+    for r in recs:
+        if r.kind == "refine":
+            prev = r.prompt.split("<|im_start|>assistant\n")[1].split("<|im_end|>")[0]
+            assert "Real states after your plan" in r.prompt and r.prompt.endswith("<|im_start|>assistant\n")
+            out.append((agent.parse_response(prev), r.prompt.split("Real states after your plan:\n")[1], r.action))
+    return out
+
+
+def test_refinement_examples_with_keep_0_always_choose_a_worse_plan():
+    recs, _, _ = _collect(30, eps=0.6, b=4, d=1, b_train=2, refine_frac=1.0, refine_keep=0.0)
+    prev = _previous_answers(recs)
+    assert prev and all(p.plans[p.best].value == min(q.value for q in p.plans) for p, _, _ in prev)
+
+
+def test_refinement_examples_keep_a_right_previous_choice_as_often_as_they_fix_a_wrong_one():
+    """A refinement must not learn "always change the action": about half of the previous answers already
+    chose the best plan (the trace keeps its action), the others a worse one; the real states shown are those
+    of the plan the previous answer chose."""
+    recs, _, _ = _collect(30, eps=0.6, b=4, d=1, b_train=2, refine_frac=1.0)
+    kept = []
+    for p, futures, action in _previous_answers(recs):
+        if p.plans[0].value == p.plans[1].value:
+            continue
+        chosen = p.plans[p.best]
+        assert futures.startswith(f"> {chosen.actions[0]}\n") and p.action == chosen.actions[0]
+        kept.append(chosen.value == max(q.value for q in p.plans))
+        if kept[-1]:
+            assert action == p.action                                  # the trace keeps the previous action
+    assert len(kept) >= 20 and 0.25 < np.mean(kept) < 0.75
 
 
 def test_perfect_trace_has_simulation_score_one_and_wrong_states_lower():

@@ -8,6 +8,7 @@ import torch
 
 import agent
 import common
+import envs
 import engine
 import grpo
 import train
@@ -52,10 +53,35 @@ def test_every_config_key_is_documented_where_it_is_defined():
     (["attn=flash"], "attn must be eager or sdpa"),
     (["rl.tau_prime_old=s_0"], "rl.tau_prime_old must be one of"),
     (["rl.clip_c=1.0"], "rl.clip_c must be > 1"),
+    (["resim.refine_keep=1.5"], "resim.refine_keep is a share"),
 ])
 def test_cli_config_error_is_one_clear_message(args, match):
     with pytest.raises(SystemExit, match=f"config error: .*{match}"):
         train.main(["--stage", "resim"] + args)
+
+
+def test_min_moves_on_an_env_without_optimal_lengths_is_a_config_error(tmp_path):
+    with pytest.raises(SystemExit, match="config error: rl.min_moves needs an env that knows"):
+        train.main(["--stage", "grpo", "env=android", "rl.min_moves=3", f"out_dir={tmp_path}/run"])
+    assert not (tmp_path / "run").exists()
+
+
+def test_rl_task_pool_keeps_only_long_rooms_in_a_fixed_order():
+    """rl.min_moves: the RL tasks are the train rooms whose optimal solution takes at least that many moves, the
+    same ones on every rank and in every run, none twice; 0 keeps today's contiguous seeds."""
+    cfg = copy.deepcopy(train.DEFAULTS)
+    assert train.rl_task_pool(cfg, 5) == envs.split_seeds("train", 5, start=cfg["rl"]["task_offset"])
+    cfg["rl"]["min_moves"] = 5
+    pool = train.rl_task_pool(cfg, 40)
+    env = envs.make_env("sokoban", "train")
+    lengths = []
+    for seed in pool:
+        env.reset(seed)
+        lengths.append(env.solution_length)
+    assert min(lengths) >= 5 and len(set(pool)) == 40 and pool == sorted(pool)
+    assert pool == train.rl_task_pool(cfg, 60)[:40]
+    skipped = set(range(pool[0], pool[-1])) - set(pool)      # the short rooms in between were left out
+    assert skipped and all(env.reset(s) is not None and (env.solution_length or 0) < 5 for s in skipped)
 
 
 def test_unwritable_run_directory_fails_before_training(tmp_path):
