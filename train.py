@@ -437,18 +437,17 @@ def rl_task_pool(cfg, n):
     rc = cfg["rl"]
     if rc["min_moves"] <= 0:
         return envs.split_seeds("train", n, start=rc["task_offset"])
-    env, seeds, start = envs.make_env(cfg["env"], "train", **cfg["env_kwargs"]), [], rc["task_offset"]
+    env, seeds, seed = envs.make_env(cfg["env"], "train", **cfg["env_kwargs"]), [], rc["task_offset"]
+    if not hasattr(env, "solution_length"):
+        raise ValueError(f"rl.min_moves needs an env that knows its optimal solution length "
+                         f"(env.solution_length: sokoban); {cfg['env']} does not")
     while len(seeds) < n:
-        for seed in envs.split_seeds("train", 256, start=start):
-            env.reset(seed)
-            length = getattr(env, "solution_length", None)
-            if length is None and not hasattr(env, "solution_length"):
-                raise ValueError(f"rl.min_moves needs an env that knows its optimal solution length "
-                                 f"(env.solution_length: sokoban); {cfg['env']} does not")
-            if length is not None and length >= rc["min_moves"]:
-                seeds.append(seed)
-        start += 256
-    return seeds[:n]
+        [s] = envs.split_seeds("train", 1, start=seed)
+        env.reset(s)
+        if (env.solution_length or 0) >= rc["min_moves"]:     # None: unsolvable
+            seeds.append(s)
+        seed += 1
+    return seeds
 
 
 def stage_rl(stage, cfg, rank, world, device, run):
