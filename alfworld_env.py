@@ -51,6 +51,7 @@ TASK_TYPES = ["pick_and_place_simple", "look_at_obj_in_light", "pick_clean_then_
 GEN_VERSION = 2   # bump when generated games change: cached games of another version are regenerated
 OOD_SCENES = (10, 219, 308, 424)   # valid_unseen's scenes (ALFRED's unseen rooms), one per room type
 OFFICIAL_DIRS = {"train": "train", "id": "valid_seen", "ood": "valid_unseen"}
+PLAN_MEMO = 4096                  # expert plans remembered per env (cleared when full)
 OPTIONS = ("max_steps", "cache_dir", "data", "expert", "expert_cap")
 GEN_STATS = Counter()   # generated / rejected games of this process (the retry counter)
 
@@ -446,6 +447,7 @@ class AlfWorld:
         self.games = self.games or None
         self._eng = _engine()
         self._expert_eng = None
+        self._plans = {}          # expert_plan's memo: (game, seed, commands) -> plan (see expert_plan)
         self.gamefile, self.seed, self.task_type = None, None, ""
         self.task, self.obs, self.steps, self.done, self.success = "", "", 0, False, False
         self._cmds, self._ops, self._adm = (), (), []
@@ -514,9 +516,21 @@ class AlfWorld:
         """expert="handcoded" (default): ALFWorld's hand-coded expert played out in a second engine; it first
         watches the commands played so far (it tracks what it has seen), then acts until the goal holds.
         None if it fails within expert_cap further steps. The plan may be longer than the steps left.
-        expert="planner": fast-downward's optimal plan from the current state (it knows where everything is)."""
+        expert="planner": fast-downward's optimal plan from the current state (it knows where everything is).
+        Either is a function of (game, seed, commands played), so plans are memoised by that key: a ReSim tree
+        asks at its root once per expert rollout and again at each leaf, the next real state's root (a
+        planner call is about 0.5 s, a hand-coded play 3 s)."""
         if self.success:
             return []
+        key = (self.gamefile, self.seed, self._cmds)
+        if key not in self._plans:
+            if len(self._plans) >= PLAN_MEMO:
+                self._plans.clear()
+            self._plans[key] = self._expert_plan()
+        plan = self._plans[key]
+        return None if plan is None else list(plan)
+
+    def _expert_plan(self):
         if self.expert == "planner":
             pe = self._eng.unwrapped
             return pe._pddl_state.replan(pe._entity_infos) or None

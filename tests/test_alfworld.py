@@ -133,6 +133,26 @@ def test_planner_expert(cache):
     assert all(i["action_is_valid"] for *_, i in outs) and e.success
 
 
+
+def test_expert_plans_are_memoised_by_state(cache, monkeypatch):
+    """A ReSim tree asks for the expert's plan at its root once per expert rollout and again at each leaf, which
+    is the next real state's root: the planner runs once per state (it was 5 calls here), same plans."""
+    import search_tree
+    e = A.make_env("train", cache_dir=cache, data="generated", expert="planner")
+    e.reset(TRAIN[4])
+    cls, calls = type(e._eng.unwrapped._pddl_state), []
+    real = cls.replan
+    monkeypatch.setattr(cls, "replan", lambda self, *a: calls.append(1) or real(self, *a))
+    plan = e.expert_plan()
+    e.expert_plan().append("junk")                                   # a caller's list is its own
+    assert e.expert_plan() == plan and len(calls) == 1
+    tree = search_tree.expand(e, b=3, d=1, act=search_tree.expert_policy(0.0), value=search_tree.expert_value(0.9),
+                              rng=np.random.default_rng(0))
+    assert [r.actions for r in tree] == [plan[:1]] and tree[0].value == pytest.approx(0.9 ** (len(plan) - 1))
+    e.step(plan[0])
+    assert e.expert_plan() == plan[1:] and len(calls) == 2           # the leaf's plan, not a third call
+    assert A.AlfWorld._expert_plan(e) == plan[1:]                   # what an unmemoised call returns
+
 def test_generation_deterministic_and_old_games_regenerated(cache, tmp_path):
     a = A.generate_game("train", TRAIN[0], cache_dir=cache)
     stale = tmp_path / "train" / str(TRAIN[0])                      # a game of an older generator
