@@ -133,10 +133,9 @@ def test_planner_expert(cache):
     assert all(i["action_is_valid"] for *_, i in outs) and e.success
 
 
-
 def test_expert_plans_are_memoised_by_state(cache, monkeypatch):
     """A ReSim tree asks for the expert's plan at its root once per expert rollout and again at each leaf, which
-    is the next real state's root: the planner runs once per state (it was 5 calls here), same plans."""
+    is the next real state's root: the planner runs once per state (it ran at every ask), same plans."""
     import search_tree
     e = A.make_env("train", cache_dir=cache, data="generated", expert="planner")
     e.reset(TRAIN[4])
@@ -152,6 +151,7 @@ def test_expert_plans_are_memoised_by_state(cache, monkeypatch):
     e.step(plan[0])
     assert e.expert_plan() == plan[1:] and len(calls) == 2           # the leaf's plan, not a third call
     assert A.AlfWorld._expert_plan(e) == plan[1:]                   # what an unmemoised call returns
+
 
 def test_generation_deterministic_and_old_games_regenerated(cache, tmp_path):
     a = A.generate_game("train", TRAIN[0], cache_dir=cache)
