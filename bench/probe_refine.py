@@ -59,7 +59,7 @@ def main():
     args = ap.parse_args()
     saved = common.prompt_settings(args.model)
     cfg = copy.deepcopy(train.DEFAULTS)
-    cfg.update({k: saved[k] for k in ("env", "env_kwargs", "history_k", "system", "max_new_tokens") if k in saved})
+    cfg.update({k: saved[k] for k in common.PROMPT_KEYS if k in saved})
     cfg["rl"].update(group=args.group, min_moves=args.min_moves)
     model, tok = agent.load_model(args.model)
     model.eval()
