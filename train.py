@@ -18,6 +18,7 @@ Stage 2 (stage_rl), the paper's Algorithm 1; grpo and rloo run phase (B) only:
 Both stages train grpo.Sample's with grpo.policy_loss: SFT is the RL loss with A = 1 and no ratio.
 """
 import argparse
+import contextlib
 import copy
 import gc
 import json
@@ -91,9 +92,12 @@ DEFAULTS = {
         "warmup": 0.05,           # share of steps of linear warm-up, then cosine decay to 0
         "weight_decay": 0.0,      # AdamW's decoupled weight decay
         "grad_clip": 1.0,         # max gradient norm
-        "compile": False,         # torch.compile the SFT forward (train.compiled; not with FSDP): 25% faster steps,
-                                  # but compiling 2 lengths (~90 s) eats that in a 15-minute main job
+        "compile": True,          # torch.compile the SFT forward of micro-batches below sdpa_from (train.compiled;
+                                  # not with FSDP): 1.2x faster steps for ~70 s compiling the main job's one shape;
+                                  # the text-env configs, of many long lengths, turn it off
         "pad_to": 128,            # with compile: lengths padded up to a multiple of this (few shapes to compile)
+        "sdpa_from": 384,         # a micro-batch this long (tokens) or longer runs sdpa attention whatever `attn`
+                                  # says: on CPU eager wins below, sdpa 2x at 550+ (bench/bench_sft.py); 0: never
     },
     "rl": {                       # stage 2: GRPO / RLOO / Dyna-GRPO (train.stage_rl)
         "steps": 12,              # RL steps; each takes one optimiser step (two in a simulation step)
@@ -150,6 +154,20 @@ def micro_batches(samples, size):
     return [order[i:i + size] for i in range(0, len(order), size)]
 
 
+@contextlib.contextmanager
+def attention(model, impl):
+    """Forwards inside run with attention impl (None: the model's own), then the model's own again. Eager
+    attention materialises [B, heads, T, T] scores: cheapest on short CPU batches, 2x sdpa's cost at 550 tokens."""
+    own = model.config._attn_implementation
+    if impl and impl != own:
+        model.set_attn_implementation(impl)
+    try:
+        yield
+    finally:
+        if model.config._attn_implementation != own:
+            model.set_attn_implementation(own)
+
+
 # ---- the two updates, side by side ----------------------------------------------------------------------
 
 def sft_step(model, opt, sched, batch, pad, sc, bf16, world, fwd=None):
@@ -160,8 +178,10 @@ def sft_step(model, opt, sched, batch, pad, sc, bf16, world, fwd=None):
     total = 0.0
     for k in range(0, len(batch), sc["micro_batch"]):
         chunk = batch[k:k + sc["micro_batch"]]
-        net, pad_to = (model, 1) if fwd is None else (fwd, sc["pad_to"])
-        logp, mask = logprobs(net, chunk, pad, bf16, pad_to=pad_to)
+        long = 0 < sc["sdpa_from"] <= max(len(s.prompt_ids) + len(s.response_ids) for s in chunk)
+        net, pad_to = (model, 1) if fwd is None or long else (fwd, sc["pad_to"])   # compiled: short shapes only
+        with attention(model, "sdpa" if long else None):
+            logp, mask = logprobs(net, chunk, pad, bf16, pad_to=pad_to)
         loss, _ = grpo.policy_loss(logp.float(), None, torch.ones(len(chunk), device=logp.device), mask, n_tok=n_tok)
         loss.backward()
         total += loss.item()

@@ -13,7 +13,7 @@ import torch
 
 pytestmark = pytest.mark.slow   # torchrun and spawned processes: 20-40 s each
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["tiny.hidden_size=32", "tiny.num_hidden_layers=1", "tiny.num_attention_heads=2",
+TINY = ["sft.compile=false", "tiny.hidden_size=32", "tiny.num_hidden_layers=1", "tiny.num_attention_heads=2",
         "tiny.num_key_value_heads=2", "tiny.intermediate_size=64", "max_new_tokens=24", "bf16=false",
         "env_kwargs={max_steps: 3}", "sft.epochs=2", "sft.micro_batch=1", "sft.warmup=0.0"]
 

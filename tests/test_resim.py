@@ -166,7 +166,7 @@ def test_sft_learns_the_response_and_ignores_the_prompt():
     before = nll()
     opt = train.make_optimizer(model, 1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    sc = dict(micro_batch=4, grad_clip=1.0)
+    sc = dict(train.DEFAULTS["sft"], micro_batch=4, grad_clip=1.0)
     for _ in range(20):
         train.sft_step(model, opt, sched, [sample] * 8, tok.pad_token_id, sc, False, 1)
     assert nll() < before - 1.0

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["tiny.hidden_size=64", "tiny.num_hidden_layers=2", "tiny.num_attention_heads=2",
+TINY = ["sft.compile=false", "tiny.hidden_size=64", "tiny.num_hidden_layers=2", "tiny.num_attention_heads=2",
         "tiny.num_key_value_heads=2", "tiny.intermediate_size=128", "max_new_tokens=48",
         "env_kwargs={max_steps: 3}", "eval.id=6", "eval.ood=0", "checkpoint_minutes=0"]
 RESIM = ["--stage", "resim", "resim.episodes=40", "sft.epochs=3", "sft.batch_size=4", "sft.micro_batch=2"]

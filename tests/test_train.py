@@ -13,7 +13,7 @@ import engine
 import grpo
 import train
 
-TINY = ["tiny.hidden_size=32", "tiny.num_hidden_layers=1", "tiny.num_attention_heads=2",
+TINY = ["sft.compile=false", "tiny.hidden_size=32", "tiny.num_hidden_layers=1", "tiny.num_attention_heads=2",
         "tiny.num_key_value_heads=2", "tiny.intermediate_size=64", "max_new_tokens=40",
         "env_kwargs={max_steps: 3}", "eval.id=2", "eval.ood=1"]
 SMALL = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, intermediate_size=64)
@@ -114,6 +114,25 @@ def test_the_compiled_sft_step_equals_the_plain_one():
         rec = Recorder(net)
         st = train.sft_step(net, rec, Sched(), batch, 0, sc, False, 1, fwd)
         out.append((st["loss"], rec.grads))
+    (a, ga), (b, gb) = out
+    assert abs(a - b) < 1e-5 * abs(a) and all(torch.allclose(x, y, atol=1e-5) for x, y in zip(ga, gb))
+
+
+def test_long_sft_micro_batches_run_sdpa_and_the_step_is_unchanged():
+    """sft.sdpa_from: a micro-batch whose longest example reaches it runs sdpa attention (eager's [T, T] scores
+    cost 2x at 550 tokens), the others the model's own; the model keeps its own afterwards, and the loss and
+    gradient are the all-eager step's."""
+    model, tok = agent.load_model("tiny", dtype=torch.float32, attn="eager", **SMALL)
+    batch = _samples(tok, [1.0] * 4)           # micro-batches of 2: longest 26 tokens, then 39
+    seen = []
+    model.register_forward_pre_hook(lambda m, a: seen.append(m.config._attn_implementation))
+    out = []
+    for cut in (0, 30):
+        rec = Recorder(model)
+        st = train.sft_step(model, rec, Sched(), batch, 0, dict(train.DEFAULTS["sft"], micro_batch=2,
+                                                                 sdpa_from=cut), False, 1)
+        out.append((st["loss"], rec.grads))
+    assert seen == ["eager", "eager", "eager", "sdpa"] and model.config._attn_implementation == "eager"
     (a, ga), (b, gb) = out
     assert abs(a - b) < 1e-5 * abs(a) and all(torch.allclose(x, y, atol=1e-5) for x, y in zip(ga, gb))
 
