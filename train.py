@@ -97,7 +97,8 @@ DEFAULTS = {
                                   # the text-env configs, of many long lengths, turn it off
         "pad_to": 128,            # with compile: lengths padded up to a multiple of this (few shapes to compile)
         "sdpa_from": 384,         # a micro-batch this long (tokens) or longer runs sdpa attention whatever `attn`
-                                  # says: on CPU eager wins below, sdpa 2x at 550+ (bench/bench_sft.py); 0: never
+                                  # says: on CPU eager wins below, sdpa is 2x faster on the main job's 574-token
+                                  # batches (bench/bench_sft.py); 0: never
     },
     "rl": {                       # stage 2: GRPO / RLOO / Dyna-GRPO (train.stage_rl)
         "steps": 12,              # RL steps; each takes one optimiser step (two in a simulation step)
@@ -157,7 +158,7 @@ def micro_batches(samples, size):
 @contextlib.contextmanager
 def attention(model, impl):
     """Forwards inside run with attention impl (None: the model's own), then the model's own again. Eager
-    attention materialises [B, heads, T, T] scores: cheapest on short CPU batches, 2x sdpa's cost at 550 tokens."""
+    attention materialises [B, heads, T, T] scores: cheapest on short CPU batches, 2x sdpa's cost at 574 tokens."""
     own = model.config._attn_implementation
     if impl and impl != own:
         model.set_attn_implementation(impl)
