@@ -46,8 +46,8 @@ def test_greedy_generation_equals_hugging_face(smol, lean, monkeypatch):
 
 
 def test_sft_step_dyna_grpo_step_and_reload(tmp_path):
-    small = ["sft.compile=false", "env_kwargs={max_steps: 2}", "max_new_tokens=12", "system=true", "eval.id=1", "eval.ood=0",
-             "bf16=true"]
+    small = ["sft.compile=false", "env_kwargs={max_steps: 2}", "max_new_tokens=12", "system=true", "eval.id=1",
+             "eval.ood=0", "bf16=true"]
     train.main(["--stage", "resim", "model=smollm2", f"out_dir={tmp_path / 'r'}", "resim.episodes=2",
                 "resim.refine_frac=0", "sft.batch_size=2", "sft.micro_batch=1", "sft.lr=1e-5"] + small)
     sft = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]

@@ -104,10 +104,10 @@ class Sched:
 @pytest.mark.slow   # compiling takes about 30 s
 def test_the_compiled_sft_step_equals_the_plain_one():
     """sft.compile: the compiled forward (eager attention, lengths padded up to pad_to) gives the plain step's
-    loss and gradient."""
-    model, tok = agent.load_model("tiny", dtype=torch.float32, **SMALL)
-    batch = _samples(tok, [1.0] * 4)
-    sc = dict(train.DEFAULTS["sft"], micro_batch=2, pad_to=16)
+    loss and gradient; the micro-batch at sdpa_from runs uncompiled, with sdpa, in both."""
+    model, tok = agent.load_model("tiny", dtype=torch.float32, attn="eager", **SMALL)
+    batch = _samples(tok, [1.0] * 4)           # micro-batches of 2: longest 26 tokens (compiled), then 39
+    sc = dict(train.DEFAULTS["sft"], micro_batch=2, pad_to=16, sdpa_from=30)
     out = []
     for fwd in (None, train.compiled(copy.deepcopy(model))):
         net = model if fwd is None else fwd._orig_mod
@@ -120,7 +120,7 @@ def test_the_compiled_sft_step_equals_the_plain_one():
 
 def test_long_sft_micro_batches_run_sdpa_and_the_step_is_unchanged():
     """sft.sdpa_from: a micro-batch whose longest example reaches it runs sdpa attention (eager's [T, T] scores
-    cost 2x at 550 tokens), the others the model's own; the model keeps its own afterwards, and the loss and
+    cost 2x at 574 tokens), the others the model's own; the model keeps its own afterwards, and the loss and
     gradient are the all-eager step's."""
     model, tok = agent.load_model("tiny", dtype=torch.float32, attn="eager", **SMALL)
     batch = _samples(tok, [1.0] * 4)           # micro-batches of 2: longest 26 tokens, then 39
