@@ -174,7 +174,8 @@ def attention(model, impl):
 def sft_step(model, opt, sched, batch, pad, sc, bf16, world, fwd=None):
     """One SFT optimiser step: -log p of the trace tokens (A = 1, no ratio), token-mean over the global batch,
     so N ranks with batch B equal one process with batch N x B. fwd: what runs the forward (a compiled model,
-    fed lengths padded to sft.pad_to), else the model."""
+    fed lengths padded to sft.pad_to), else the model; a micro-batch of sft.sdpa_from tokens or more runs the
+    model itself with sdpa attention."""
     n_tok = allsum(sum(len(s.response_ids) for s in batch), world)
     total = 0.0
     for k in range(0, len(batch), sc["micro_batch"]):
