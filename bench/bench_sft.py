@@ -22,14 +22,6 @@ import resim  # noqa: E402
 import train  # noqa: E402
 
 
-class _Sched:     # the LR schedule is not what is timed
-    def step(self):
-        pass
-
-    def get_last_lr(self):
-        return [0.0]
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", help="a stage-1 run directory holding config.yaml and traces.jsonl")
@@ -53,17 +45,17 @@ def main():
     print(f"{len(plan)} SFT batches of {sc['batch_size']}: {len(classes['short'])} below {cut} tokens, "
           f"{len(classes['long'])} at or above (longest example {max(lengths)})")
     variants = {"eager": dict(sdpa_from=10**9), "sdpa": dict(sdpa_from=1), "switch": dict(sdpa_from=cut)}
-    fwd = None
+    opt = train.make_optimizer(model, 0.0)                # lr 0: every variant and batch sees the same model
+    sched, fwd = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), None
     if args.compile:
         fwd, t = train.compiled(model), time.perf_counter()
         bucket = {-(-int(longest[j]) // sc["pad_to"]): j for j in classes["short"]}   # one batch per shape
         for j in bucket.values():
             b = [samples[i] for i in plan[j]]
-            train.sft_step(model, train.make_optimizer(model, 0.0), _Sched(), b, tok.pad_token_id,
-                           dict(sc, sdpa_from=cut), True, 1, fwd)
+            train.sft_step(model, opt, sched, b, tok.pad_token_id, dict(sc, sdpa_from=cut), True, 1, fwd)
         print(f"compiled the short lengths in {time.perf_counter() - t:.0f} s (not in the projection below)")
         variants["compiled + switch"] = dict(sdpa_from=cut)
-    opt, rng = train.make_optimizer(model, 0.0), np.random.default_rng(0)   # lr 0: every variant sees one model
+    rng = np.random.default_rng(0)
     times = {v: {c: [] for c in classes} for v in variants}
     for c, n in (("short", args.short), ("long", args.long)):
         for j in rng.choice(classes[c], min(n, len(classes[c])), replace=False):
@@ -71,7 +63,7 @@ def main():
             order = list(variants) if j % 2 else list(variants)[::-1]
             for v in order:
                 t = time.perf_counter()
-                train.sft_step(model, opt, _Sched(), batch, tok.pad_token_id, dict(sc, **variants[v]), True, 1,
+                train.sft_step(model, opt, sched, batch, tok.pad_token_id, dict(sc, **variants[v]), True, 1,
                                fwd if v.startswith("compiled") else None)
                 times[v][c].append(time.perf_counter() - t)
     print("| variant | short batch, s | long batch, s | projected SFT, min |\n|---|---|---|---|")
