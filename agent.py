@@ -324,10 +324,13 @@ def run_episodes(model, tokenizer, envs, seeds, *, gen_kwargs, seed=0, history_k
                  action_only=False, progress=False):
     """Play envs[i] from reset(seeds[i]) in lockstep: one generate call per turn for all active envs.
     Sampling draws from ONE generator seeded with `seed` that advances across turns, so no two turns share
-    noise (a row whose prompt repeats still gets a fresh sample). An unreadable response still steps the env
-    with the raw text (the env marks it invalid), and the raw text is what the history shows."""
+    noise (a row whose prompt repeats still gets a fresh sample). Greedy decoding (temperature 0) answers a
+    prompt it has answered before from memory: the policy is a function of its prompt, and the turns of an
+    episode looping to its step cap cost no decoding. An unreadable response still steps the env with the raw
+    text (the env marks it invalid), and the raw text is what the history shows."""
     check_envs(envs, seeds)
     gen = torch.Generator(device=model.device if model is not None else "cpu").manual_seed(seed)
+    answered = {} if gen_kwargs.get("temperature", 1.0) == 0 else None   # greedy: prompt ids -> Generation
     obs = [env.reset(s) for env, s in zip(envs, seeds)]
     hist, turns = [[] for _ in envs], [[] for _ in envs]
     active = list(range(len(envs)))
@@ -335,7 +338,7 @@ def run_episodes(model, tokenizer, envs, seeds, *, gen_kwargs, seed=0, history_k
     while active:
         ids = [encode(tokenizer, build_prompt(tokenizer, envs[i], hist[i], obs[i], history_k=history_k,
                                               system=system, action_only=action_only)) for i in active]
-        gens = engine.generate(model, tokenizer, ids, generator=gen, **gen_kwargs)
+        gens = generate_once(model, tokenizer, ids, answered, generator=gen, **gen_kwargs)
         for i, p, g in zip(active, ids, gens):
             turns[i].append(play_turn(envs[i], p, g, obs[i], hist[i]))
             obs[i] = hist[i][-1][1]
@@ -345,6 +348,17 @@ def run_episodes(model, tokenizer, envs, seeds, *, gen_kwargs, seed=0, history_k
     bar.close()
     return [Episode(env.name, int(s), ts, ts[-1].success, env.max_steps, env.task_type)
             for env, s, ts in zip(envs, seeds, turns)]
+
+
+def generate_once(model, tokenizer, ids, answered, **gen_kwargs):
+    """engine.generate; with a dict `answered` (greedy only), each distinct prompt is decoded once and kept."""
+    if answered is None:
+        return engine.generate(model, tokenizer, ids, **gen_kwargs)
+    keys = [tuple(p) for p in ids]
+    new = list(dict.fromkeys(k for k in keys if k not in answered))
+    if new:
+        answered.update(zip(new, engine.generate(model, tokenizer, [list(k) for k in new], **gen_kwargs)))
+    return [answered[k] for k in keys]
 
 
 def play_turn(env, prompt_ids, gen, obs, history, refine_prompt_ids=None):

@@ -247,6 +247,26 @@ def test_every_turn_draws_fresh_noise(tiny):
     assert len({tuple(t.response_ids) for t in ep.turns}) == 6
 
 
+def test_greedy_episodes_decode_each_prompt_once(tiny, monkeypatch):
+    """Greedy play answers a repeated prompt from memory: two episodes of one seed, looping on invalid answers
+    for 6 turns, decode one prompt once (every turn decoded it before) and take the turns they took before."""
+    import sokoban
+    model, tok = tiny
+    rows, real = [], engine.generate
+
+    def counting(model, tokenizer, prompts, **kw):
+        rows.extend(tuple(p) for p in prompts)
+        return real(model, tokenizer, prompts, **kw)
+
+    monkeypatch.setattr(engine, "generate", counting)
+    made = [sokoban.make_env("id", max_steps=6) for _ in range(2)]
+    eps = agent.run_episodes(model, tok, made, [1_000_000] * 2, system=False,
+                             gen_kwargs=dict(max_new_tokens=12, temperature=0.0))
+    assert [ep.steps for ep in eps] == [6, 6] and len(rows) == len(set(rows)) == 1
+    first = real(model, tok, [list(rows[0])], max_new_tokens=12, temperature=0.0)[0]
+    assert all(t.response_ids == first.token_ids and t.text == first.text for ep in eps for t in ep.turns)
+
+
 def test_run_episodes_tiny_model(tiny):
     model, tok = tiny
     made = [CounterEnv(max_steps=3) for _ in range(3)]
