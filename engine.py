@@ -9,7 +9,8 @@ forward re-concatenates the whole KV cache every step and runs a flash-attention
 `LeanDecoder` runs the model's own weights through a lean decode step instead: a KV cache preallocated once and
 written in place, attention as two batched matrix products over the filled part, and no per-row Python work
 except for rows whose newest token could complete a stop string. Any other model falls back to Hugging Face's
-forward with a DynamicCache (said once per model type). Prefill uses Hugging Face's forward either way.
+forward with a DynamicCache (said once per model type). Prefill uses Hugging Face's forward either way; with
+the lean step, a prefix every prompt shares (the system prompt) is prefilled once, not once per row.
 COMPILE (train.py's decode_compile) runs the lean step through torch.compile (LeanDecoder says what it costs).
 """
 import functools
@@ -25,6 +26,7 @@ from transformers import DynamicCache
 # model families whose decoder layer LeanDecoder reproduces (DYNAMIND_LEAN=0: always Hugging Face's forward)
 LEAN_TYPES = () if os.environ.get("DYNAMIND_LEAN") == "0" else ("llama", "qwen2")
 COMPILE = os.environ.get("DYNAMIND_COMPILE") == "1"   # torch.compile the lean step (also train.py's decode_compile)
+SHARE_MIN = 32                    # lean prefill: a prefix all prompts share is computed once from this many tokens
 COMPACT_AT = 0.75                 # lean: drop finished rows once they are a quarter of the batch (a copy)
 _SAID = set()                     # model types whose fallback was already reported
 
@@ -287,29 +289,50 @@ def _left_pad(ids, pad_id, T, dev):
     return x, mask, (mask.cumsum(1) - 1).clamp(min=0)   # positions count real tokens only
 
 
+def _shared_prefix(ids):
+    """Length of the prefix every prompt shares (a system prompt, the chat template), leaving each row at least
+    one token of its own; 0 when it is too short to be worth a forward of its own."""
+    n, first = min(map(len, ids)) - 1, ids[0]
+    p = next((i for i in range(n) if any(r[i] != first[i] for r in ids)), n)
+    return p if len(ids) > 1 and p >= SHARE_MIN else 0
+
+
 def _prefill(model, ids, pad_id, group, length):
     """Prefill rows in length-sorted groups (little padding compute) with Hugging Face's forward, and hand their
-    caches, left-padded to the longest prompt T, to a decoder. Returns (decoder, logits of the last tokens)."""
+    caches, left-padded to the longest prompt T, to a decoder. Returns (decoder, logits of the last tokens).
+    Lean: the prefix all rows share is prefilled once and each group continues from its cache; a short row's
+    cache then has a hole of padding between the prefix and its own tokens, which the decoder's mask hides
+    (keys carry their RoPE position, so a key's column does not matter)."""
     dev, T, B = model.device, max(map(len, ids)), len(ids)
     lean = lean_ok(model)
     dec = LeanDecoder(model, B, length) if lean else None
+    P = _shared_prefix(ids) if lean else 0
+    if P:
+        shared = DynamicCache(config=model.config)
+        model(input_ids=torch.tensor([ids[0][:P]], device=dev), cache=shared, use_cache=True, logits_to_keep=1)
     order = sorted(range(B), key=lambda i: len(ids[i]))
     logits, kv = torch.empty(B, model.config.vocab_size, device=dev), []
     for g in range(0, B, group):
         rows = order[g:g + group]
-        x, m, p = _left_pad([ids[i] for i in rows], pad_id, len(ids[rows[-1]]), dev)
-        cache = DynamicCache(config=model.config)
+        x, m, p = _left_pad([ids[i][P:] for i in rows], pad_id, len(ids[rows[-1]]) - P, dev)
+        if P:   # this group's cache starts as the shared prefix's
+            cache = DynamicCache(ddp_cache_data=[(l.keys.expand(len(rows), -1, -1, -1), l.values.expand(
+                len(rows), -1, -1, -1)) for l in shared.layers], config=model.config)
+            m, p = torch.cat([m.new_ones(len(rows), P), m], 1), p + P
+        else:
+            cache = DynamicCache(config=model.config)
         out = model(input_ids=x, attention_mask=m, position_ids=p, cache=cache, use_cache=True, logits_to_keep=1)
         logits[rows] = out.logits[:, -1].to(logits.dtype)
         if lean:
-            dec.fill(torch.tensor(rows, device=dev), cache, T - x.shape[1])
+            r = torch.tensor(rows, device=dev)
+            dec.fill(r, cache, T - m.shape[1])
+            dec.mask[r, T - m.shape[1]:T] = torch.where(m.bool(), 0.0, -math.inf)
         else:   # left-pad keys / values to T; the merged mask hides the padding
             pad = T - x.shape[1]
             kv.append((rows, [(F.pad(l.keys, (0, 0, pad, 0)), F.pad(l.values, (0, 0, pad, 0))) for l in cache.layers]))
-    _, mask, _ = _left_pad(ids, pad_id, T, dev)
     if lean:
-        dec.mask[:, :T] = torch.where(mask.bool(), 0.0, -math.inf)
         return dec, logits
+    _, mask, _ = _left_pad(ids, pad_id, T, dev)
     inv = torch.tensor([r for rows, _ in kv for r in rows], device=dev).argsort()
     merged = [(torch.cat([c[li][0] for _, c in kv])[inv], torch.cat([c[li][1] for _, c in kv])[inv])
               for li in range(len(kv[0][1]))]

@@ -62,6 +62,34 @@ def test_greedy_matches_hf_generate(tiny, prefill_group, lean, monkeypatch):
     assert len({len(g.token_ids) for g in ours}) >= 3 and {"eos", "stop"} <= reasons
 
 
+@pytest.mark.parametrize("prefill_group", [8, 2])
+def test_a_shared_prefix_is_prefilled_once_and_changes_nothing(tiny, prefill_group, monkeypatch):
+    """Prompts sharing a system prompt: the lean prefill runs the shared tokens once, then each group's own
+    (a short row's cache has a padding hole after the prefix); greedy output still equals HF's, and sampled
+    log-probs equal a full forward's."""
+    model, tok = tiny
+    system = "<|im_start|>system\nYou solve Sokoban puzzles. Think, then act.<|im_end|>\n<|im_start|>user\n"
+    prompts = [system + s for s in ("hi", "a much longer question " * 4, "xyz √√ 123", "the quick brown fox")]
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    P = next(i for i in range(len(ids[0])) if len({tuple(r[:i + 1]) for r in ids}) > 1)   # the shared tokens
+    assert P >= engine.SHARE_MIN
+    fed, forward = [], type(model).forward
+
+    def counting(self, input_ids=None, **kw):
+        fed.append(input_ids.numel())
+        return forward(self, input_ids=input_ids, **kw)
+
+    monkeypatch.setattr(type(model), "forward", counting)
+    ours = engine.generate(model, tok, ids, max_new_tokens=20, temperature=0, stop=(), prefill_group=prefill_group)
+    groups = [sorted(ids, key=len)[g:g + prefill_group] for g in range(0, len(ids), prefill_group)]
+    assert fed == [P] + [len(g) * (len(g[-1]) - P) for g in groups]   # prefill only: decoding is lean
+    for p, g in zip(ids, ours):
+        assert g.token_ids == _hf_greedy(model, tok, p, 20, [tok.eos_token_id])
+    for g, p in zip(engine.generate(model, tok, ids, max_new_tokens=16, temperature=0.7, seed=1, stop=(),
+                                    prefill_group=prefill_group), ids):
+        assert torch.allclose(torch.tensor(g.logprobs), _full_logprobs(model, p, g.token_ids, 0.7), atol=1e-4)
+
+
 def test_a_row_that_ends_on_eos_keeps_it(tiny):
     model, tok = tiny
     ids = tok("abc", add_special_tokens=False)["input_ids"]
