@@ -4,6 +4,7 @@ One turn:  prompt = build_prompt(env's task, last history_k actions, observation
            -> engine.generate -> parse_response -> env.step(action)
 The model and tokenizer come from transformers / tokenizers; the generation loop is engine.py's.
 """
+import array
 import importlib.util
 import math
 import os
@@ -351,13 +352,17 @@ def run_episodes(model, tokenizer, envs, seeds, *, gen_kwargs, seed=0, history_k
 
 
 def generate_once(model, tokenizer, ids, answered, **gen_kwargs):
-    """engine.generate; with a dict `answered` (greedy only), each distinct prompt is decoded once and kept."""
+    """engine.generate; with a dict `answered` (greedy only), each distinct prompt is decoded once and kept,
+    keyed by its ids as 4-byte integers (a tuple of Python ints would cost 9x the memory on long text prompts)."""
     if answered is None:
         return engine.generate(model, tokenizer, ids, **gen_kwargs)
-    keys = [tuple(p) for p in ids]
-    new = list(dict.fromkeys(k for k in keys if k not in answered))
+    keys = [array.array("i", p).tobytes() for p in ids]
+    new = {}
+    for k, p in zip(keys, ids):
+        if k not in answered:
+            new.setdefault(k, p)
     if new:
-        answered.update(zip(new, engine.generate(model, tokenizer, [list(k) for k in new], **gen_kwargs)))
+        answered.update(zip(new, engine.generate(model, tokenizer, list(new.values()), **gen_kwargs)))
     return [answered[k] for k in keys]
 
 
