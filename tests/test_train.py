@@ -102,6 +102,22 @@ class Sched:
 
 
 @pytest.mark.slow   # compiling takes about 30 s
+def test_the_bf16_inference_copy_keeps_rope_frequencies_and_equals_a_bf16_load(tmp_path):
+    """Generation runs on common.inference_copy: its weights are bf16 but RoPE's inv_freq stays float32, as in
+    training and in a model loaded with dtype=bfloat16 (a bf16 inv_freq rotates positions differently)."""
+    model, tok = agent.load_model("tiny", hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  num_key_value_heads=1, intermediate_size=64)
+    model.save_pretrained(tmp_path)
+    copy_ = common.inference_copy(model, True)
+    loaded, _ = agent.load_model(str(tmp_path), dtype="bfloat16")
+    assert {n: b.dtype for n, b in copy_.named_buffers()} == {n: b.dtype for n, b in loaded.named_buffers()}
+    assert all(b.dtype == torch.float32 for _, b in copy_.named_buffers()) and next(copy_.parameters()).dtype \
+        == torch.bfloat16 and next(model.parameters()).dtype == torch.float32
+    x = torch.tensor([list(range(3, 200))])
+    with torch.no_grad():
+        assert torch.equal(copy_(x).logits, loaded(x).logits)
+
+
 def test_the_compiled_sft_step_equals_the_plain_one():
     """sft.compile: the compiled forward (eager attention, lengths padded up to pad_to) gives the plain step's
     loss and gradient; the micro-batch at sdpa_from runs uncompiled, with sdpa, in both."""
