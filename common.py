@@ -178,11 +178,9 @@ def inference_copy(model, bf16, into=None):
     if not bf16 or next(model.parameters()).dtype == torch.bfloat16:
         return model
     if into is None:
-        into = copy.deepcopy(model).to(torch.bfloat16).eval()
-        for mod_name, mod in into.named_modules():   # float buffers (RoPE's inv_freq) stay as training has them:
-            for k, b in mod._buffers.items():        # bf16 frequencies would rotate every position differently
-                if b is not None and b.is_floating_point():
-                    mod._buffers[k] = model.get_buffer(f"{mod_name}.{k}" if mod_name else k).detach().clone()
+        into = copy.deepcopy(model).eval()
+        for p in into.parameters():   # weights only: buffers (RoPE's inv_freq) stay float32, as training has them
+            p.data = p.data.to(torch.bfloat16)
         return into
     into.load_state_dict(model.state_dict())
     return into

@@ -19,13 +19,7 @@ import engine  # noqa: E402
 import envs  # noqa: E402
 import evaluate  # noqa: E402
 
-REUSE, GENERATE = agent.generate_once, engine.generate
-ROWS = [0]   # prompts decoded
-
-
-def counting_generate(model, tokenizer, prompts, **kw):
-    ROWS[0] += len(prompts)
-    return GENERATE(model, tokenizer, prompts, **kw)
+REUSE = agent.generate_once
 
 
 def decode_every_turn(model, tokenizer, ids, answered, **gen_kwargs):
@@ -34,15 +28,25 @@ def decode_every_turn(model, tokenizer, ids, answered, **gen_kwargs):
 
 
 def timed(model, tok, split, n, saved, reuse):
+    """Seconds, prompts decoded, each episode's responses, and the metrics of one evaluation of a split."""
     agent.generate_once = REUSE if reuse else decode_every_turn
-    engine.generate, ROWS[0] = counting_generate, 0
-    t0 = time.time()
-    made, eps = evaluate.play(model, tok, saved.get("env", "sokoban"), split, envs.split_seeds(split, n),
-                              env_kwargs=saved.get("env_kwargs", {}), history_k=saved.get("history_k", 0),
-                              system=saved.get("system", False), max_new_tokens=saved.get("max_new_tokens", 320),
-                              temperature=0.0, progress=False)
+    rows, generate = [0], engine.generate
+
+    def counting(model, tokenizer, prompts, **kw):
+        rows[0] += len(prompts)
+        return generate(model, tokenizer, prompts, **kw)
+
+    engine.generate, t0 = counting, time.time()
+    try:
+        made, eps = evaluate.play(model, tok, saved.get("env", "sokoban"), split, envs.split_seeds(split, n),
+                                  env_kwargs=saved.get("env_kwargs", {}), history_k=saved.get("history_k", 0),
+                                  system=saved.get("system", False),
+                                  max_new_tokens=saved.get("max_new_tokens", 320), temperature=0.0, progress=False)
+    finally:
+        engine.generate = generate
     seconds = time.time() - t0
-    return seconds, ROWS[0], [[t.text for t in ep.turns] for ep in eps], evaluate.summarize(evaluate.episode_rows(made, eps))
+    metrics = evaluate.summarize(evaluate.episode_rows(made, eps))
+    return seconds, rows[0], [[t.text for t in ep.turns] for ep in eps], metrics
 
 
 def main():
