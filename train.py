@@ -79,6 +79,7 @@ DEFAULTS = {
         "refine_frac": 0.05,      # share of steps that also give a SimRollout-format example (README)
         "refine_keep": 0.5,       # share of those whose previous answer already chose the best plan (kept)
         "detour": 0.0,            # share of steps where the real env takes another plan's action (off-path states)
+        "hide_best": 0.0,         # share of traces listing only non-best rollouts: the action must follow "Best:"
         "aggregator": "template",  # template | llm: a model writes the comparison between the plans
         "aggregator_model": "",   # the model for the llm aggregator / rollout / value ("": the one trained)
         "action_only": False,     # the ablation: train on the chosen action alone, no simulation
@@ -291,6 +292,11 @@ def search_parts(cfg, model, tok, device):
     return act, value, aggregate
 
 
+def collect_stats(stats, world):
+    """resim.collect's counts summed over ranks; its seconds the slowest rank's (the ranks ran side by side)."""
+    return {k: allsum(v, world, "max" if k == "seconds" else "sum") for k, v in stats.items()}
+
+
 def traces(cfg, model, tok, device, rank, world, run):
     """ReSim records of this run: collected over ranks (sharded by episode), or reused from traces.jsonl when it
     was made with the same settings (its key file is written last, so a killed write is never reused)."""
@@ -309,11 +315,11 @@ def traces(cfg, model, tok, device, rank, world, run):
     records, stats = resim.collect(cfg["env"], cfg["env_kwargs"], seeds, act=act, value=value, aggregate=aggregate,
                                    tokenizer=tok, b=rc["b"], d=rc["d"], b_train=rc["b_train"],
                                    plan_order=rc["plan_order"], refine_frac=rc["refine_frac"],
-                                   refine_keep=rc["refine_keep"], detour=rc["detour"],
+                                   refine_keep=rc["refine_keep"], detour=rc["detour"], hide_best=rc["hide_best"],
                                    history_k=cfg["history_k"], system=cfg["system"], seed=cfg["seed"],
                                    progress=rank == 0)
     records = sorted(gather(records, world), key=lambda r: (r.seed, r.step))   # stable: a step's refine after it
-    stats = {k: allsum(v, world) for k, v in stats.items()}
+    stats = collect_stats(stats, world)
     run.log(dict(stage="resim_collect", step=0, **stats))
     if rank == 0:
         print(f"ReSim: {stats['solved']:.0f}/{stats['episodes']:.0f} episodes solved, {stats['steps']:.0f} steps "

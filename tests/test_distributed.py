@@ -141,3 +141,17 @@ def test_turn_weights_use_the_mean_over_every_rank(tmp_path):
     import torch.multiprocessing as mp
     mp.spawn(_rank_mean_turns, args=(2, tmp_path / "store", tmp_path), nprocs=2)
     assert torch.load(tmp_path / "0.pt") == torch.load(tmp_path / "1.pt") == pytest.approx(26 / 3)
+
+
+def _rank_collect_stats(rank, world, store, out):
+    import train
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    torch.save(train.collect_stats(dict(episodes=5, steps=10 + rank, seconds=2.0 + rank), world), out / f"{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_collection_seconds_are_the_slowest_rank_not_the_sum(tmp_path):
+    """Ranks search their trees side by side: the run's collection took as long as its slowest rank."""
+    import torch.multiprocessing as mp
+    mp.spawn(_rank_collect_stats, args=(2, tmp_path / "store", tmp_path), nprocs=2)
+    assert torch.load(tmp_path / "0.pt") == torch.load(tmp_path / "1.pt") == dict(episodes=10, steps=21, seconds=3.0)

@@ -218,6 +218,25 @@ def test_detours_visit_states_off_the_best_path_and_traces_stay_true():
     assert checked and wrong == []
 
 
+def test_hidden_best_traces_choose_among_the_others_while_the_env_takes_the_best():
+    """resim.hide_best: the trace lists only non-best rollouts and its action follows its own Best line (highest
+    written value), so it differs from the move the real env then takes; the traces stay true, and off (0) the
+    records are exactly the default ones."""
+    recs, stats, _ = _collect(30, eps=0.6, b=4, d=1, b_train=2, hide_best=1.0)
+    steps = [r for r in recs if r.kind == "resim"]
+    taken = {(r.seed, r.step - 1): r.prefix[-1] for r in steps if r.prefix}
+    hidden = [r for r in steps if (r.seed, r.step) in taken and taken[r.seed, r.step] != r.action]
+    assert stats["solved"] == 30 and len(hidden) >= 5
+    for r in hidden:
+        p = agent.parse_response(r.response)
+        assert p.plans[p.best].actions[0] == r.action == p.action
+        assert p.plans[p.best].value == max(q.value for q in p.plans)
+        assert taken[r.seed, r.step] not in [q.actions[0] for q in p.plans]   # the best move is not listed
+    checked, wrong = resim.verify(recs)
+    assert checked and wrong == []
+    assert _collect(5, b=4, d=1, b_train=2, hide_best=0.0)[0] == _collect(5, b=4, d=1, b_train=2)[0]
+
+
 def test_collect_searches_the_split_it_is_given():
     """bench/probe_traces.py searches held-out episodes: collect(split=) must play that split's rooms."""
     _, tok = agent.load_model("tiny", **TINY)
