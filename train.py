@@ -585,6 +585,10 @@ def main(argv=None):
         check_rl_config(cfg["rl"])
         if not 0 <= cfg["resim"]["refine_keep"] <= 1:
             raise ValueError(f"resim.refine_keep is a share in [0, 1], got {cfg['resim']['refine_keep']}")
+        if not 0 <= cfg["resim"]["hide_best"] <= 1:
+            raise ValueError(f"resim.hide_best is a share in [0, 1], got {cfg['resim']['hide_best']}")
+        if cfg["resim"]["hide_best"] and cfg["resim"]["action_only"]:   # its traces' actions are not the best move
+            raise ValueError("resim.hide_best needs the traces: with action_only it would teach non-best moves bare")
         if stage != "resim" and cfg["rl"]["min_moves"] > 0:
             rl_task_pool(cfg, 1)             # an env that cannot filter by length fails here, not mid-run
     except (ValueError, KeyError, OSError, yaml.YAMLError) as e:

@@ -54,6 +54,8 @@ def test_every_config_key_is_documented_where_it_is_defined():
     (["rl.tau_prime_old=s_0"], "rl.tau_prime_old must be one of"),
     (["rl.clip_c=1.0"], "rl.clip_c must be > 1"),
     (["resim.refine_keep=1.5"], "resim.refine_keep is a share"),
+    (["resim.hide_best=-0.1"], "resim.hide_best is a share"),
+    (["resim.hide_best=0.5", "resim.action_only=true"], "resim.hide_best needs the traces"),
 ])
 def test_cli_config_error_is_one_clear_message(args, match):
     with pytest.raises(SystemExit, match=f"config error: .*{match}"):
