@@ -43,7 +43,7 @@ def play(model_dir, episodes, on_best=False):
 
     def parse_best(text):
         p = parse(text)
-        plan = p.plans[p.best] if p.best is not None and p.best < len(p.plans) else None
+        plan = p.chosen_plan()
         return agent.Parsed(p.plans, p.best, plan.actions[0] if plan and plan.actions else p.action)
     agent.parse_response = parse_best if on_best else parse
     try:
@@ -72,7 +72,7 @@ def probe(eps, first_only):
                 argmax += written[parsed.best] == max(written)
                 good = lambda a: real_value(env, state, [a]) >= round(best_now / GAMMA, 6) - 1e-9  # noqa: E731
                 optimal += turn.action is not None and good(turn.action)
-                chosen = parsed.plans[parsed.best].actions[:1] if parsed.best < len(parsed.plans) else []
+                chosen = parsed.plans[parsed.best].actions[:1]   # in range: written[parsed.best] read it above
                 follows += chosen == [turn.action]
                 if chosen and turn.action is not None and chosen != [turn.action]:
                     differ["best"] += good(chosen[0])
