@@ -4,7 +4,8 @@ The same batches of the run's SFT plan, the variants alternating (machine speed 
 projected from the mean step time of each length class times its number of batches.
 
     python bench/bench_sft.py runs/resim_sokoban --short 40 --long 20
-    python bench/bench_sft.py runs/resim_sokoban --compile      # adds compiled (short) + sdpa (long)
+    python bench/bench_sft.py runs/resim_sokoban --compile      # adds compiled (short) + sdpa (long): the
+                                                                # compiled Hugging Face forward and train.compiled's
 """
 import argparse
 import sys
@@ -46,15 +47,17 @@ def main():
           f"{len(classes['long'])} at or above (longest example {max(lengths)})")
     variants = {"eager": dict(sdpa_from=10**9), "sdpa": dict(sdpa_from=1), "switch": dict(sdpa_from=cut)}
     opt = train.make_optimizer(model, 0.0)                # lr 0: every variant and batch sees the same model
-    sched, fwd = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), None
-    if args.compile:
-        fwd, t = train.compiled(model), time.perf_counter()
-        bucket = {-(-int(longest[j]) // sc["pad_to"]): j for j in classes["short"]}   # one batch per shape
-        for j in bucket.values():
-            b = [samples[i] for i in plan[j]]
-            train.sft_step(model, opt, sched, b, tok.pad_token_id, dict(sc, sdpa_from=cut), True, 1, fwd)
-        print(f"compiled the short lengths in {time.perf_counter() - t:.0f} s (not in the projection below)")
-        variants["compiled + switch"] = dict(sdpa_from=cut)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    fwds = {}
+    if args.compile:   # the SFT's compiled forward (engine.LeanForward) and, before it, Hugging Face's compiled
+        for name, f in (("compiled HF", torch.compile(model, dynamic=False)), ("compiled lean", train.compiled(model))):
+            t = time.perf_counter()
+            bucket = {-(-int(longest[j]) // sc["pad_to"]): j for j in classes["short"]}   # one batch per shape
+            for j in bucket.values():
+                b = [samples[i] for i in plan[j]]
+                train.sft_step(model, opt, sched, b, tok.pad_token_id, dict(sc, sdpa_from=cut), True, 1, f)
+            print(f"{name}: compiled the short lengths in {time.perf_counter() - t:.0f} s (not in the projection)")
+            variants[f"{name} + switch"], fwds[f"{name} + switch"] = dict(sdpa_from=cut), f
     rng = np.random.default_rng(0)
     times = {v: {c: [] for c in classes} for v in variants}
     for c, n in (("short", args.short), ("long", args.long)):
@@ -64,7 +67,7 @@ def main():
             for v in order:
                 t = time.perf_counter()
                 train.sft_step(model, opt, sched, batch, tok.pad_token_id, dict(sc, **variants[v]), True, 1,
-                               fwd if v.startswith("compiled") else None)
+                               fwds.get(v))
                 times[v][c].append(time.perf_counter() - t)
     print("| variant | short batch, s | long batch, s | projected SFT, min |\n|---|---|---|---|")
     for v, tc in times.items():

@@ -161,6 +161,29 @@ def test_bf16_lean_step_agrees_with_hf_forward():
     assert (a - b).abs().max() < 0.1 * b.abs().max()
 
 
+@pytest.mark.slow   # compiling takes about 20 s
+def test_lean_forward_equals_hf_forward_with_its_gradients():
+    """engine.LeanForward (train.compiled's SFT forward): Hugging Face's logits at the kept positions of
+    right-padded rows, and the same gradients, for grouped-query attention with Qwen2's q / k / v biases."""
+    model, tok = agent.load_model("tiny", dtype=torch.float32, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, seed=3)
+    assert model.model.layers[0].self_attn.q_proj.bias is not None
+    lean = engine.LeanForward(model)
+    torch.manual_seed(0)
+    ids, keep = torch.randint(0, 250, (3, 16)), torch.randint(0, 16, (3, 5))   # kept positions, as SFT passes
+    w = torch.randn(3, 5, model.config.vocab_size)
+    out = []
+    for f in (model, lean):
+        model.zero_grad()
+        logits = f(input_ids=ids, logits_to_keep=keep, use_cache=False).logits
+        (logits * w).sum().backward()
+        out.append((logits.detach(), [p.grad.clone() for p in model.parameters()]))
+    (a, ga), (b, gb) = out
+    assert a.shape == b.shape == (3, 5, model.config.vocab_size)
+    assert torch.allclose(a, b, atol=1e-5)
+    assert all(torch.allclose(x, y, atol=1e-5, rtol=1e-4) for x, y in zip(ga, gb))
+
+
 def test_top_p_logprobs_are_renormalised(tiny):
     model, tok = tiny
     g = engine.generate(model, tok, ["abc"] * 4, max_new_tokens=16, temperature=1.0, top_p=0.3, seed=0, stop=())

@@ -103,7 +103,6 @@ class Sched:
         return [0.0]
 
 
-@pytest.mark.slow   # compiling takes about 30 s
 def test_the_bf16_inference_copy_keeps_rope_frequencies_and_equals_a_bf16_load(tmp_path):
     """Generation runs on common.inference_copy: its weights are bf16 but RoPE's inv_freq stays float32, as in
     training and in a model loaded with dtype=bfloat16 (a bf16 inv_freq rotates positions differently)."""
@@ -120,15 +119,17 @@ def test_the_bf16_inference_copy_keeps_rope_frequencies_and_equals_a_bf16_load(t
         assert torch.equal(copy_(x).logits, loaded(x).logits)
 
 
+@pytest.mark.slow   # compiling takes about 30 s
 def test_the_compiled_sft_step_equals_the_plain_one():
-    """sft.compile: the compiled forward (eager attention, lengths padded up to pad_to) gives the plain step's
-    loss and gradient; the micro-batch at sdpa_from runs uncompiled, with sdpa, in both."""
+    """sft.compile: the compiled forward (engine.LeanForward for this Qwen2; lengths padded up to pad_to) gives the
+    plain step's loss and gradient; the micro-batch at sdpa_from runs uncompiled, with sdpa, in both."""
+
     model, tok = agent.load_model("tiny", dtype=torch.float32, attn="eager", **SMALL)
     batch = _samples(tok, [1.0] * 4)           # micro-batches of 2: longest 26 tokens (compiled), then 39
     sc = dict(train.DEFAULTS["sft"], micro_batch=2, pad_to=16, sdpa_from=30)
     out = []
-    for fwd in (None, train.compiled(copy.deepcopy(model))):
-        net = model if fwd is None else fwd._orig_mod
+    for net in (model, copy.deepcopy(model)):
+        fwd = None if net is model else train.compiled(net)
         rec = Recorder(net)
         st = train.sft_step(net, rec, Sched(), batch, 0, sc, False, 1, fwd)
         out.append((st["loss"], rec.grads))
