@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
+from transformers.modeling_outputs import CausalLMOutput
 
 # model families whose decoder layer LeanDecoder reproduces (DYNAMIND_LEAN=0: always Hugging Face's forward)
 LEAN_TYPES = () if os.environ.get("DYNAMIND_LEAN") == "0" else ("llama", "qwen2")
@@ -233,12 +234,7 @@ class LeanForward:
             cos, sin = self.model.model.rotary_emb(torch.zeros(1, device=dev), torch.arange(T, device=dev)[None])
             mask = torch.full((T, T), -math.inf, device=dev).triu(1).repeat(g, 1)
             self.tables[T, dev] = (cos[0], sin[0], mask)
-        return _Out(self.forward(self.model, input_ids, logits_to_keep, *self.tables[T, dev]))
-
-
-@dataclass
-class _Out:
-    logits: torch.Tensor
+        return CausalLMOutput(logits=self.forward(self.model, input_ids, logits_to_keep, *self.tables[T, dev]))
 
 
 def _lean_logits(model, ids, keep, cos, sin, mask):
