@@ -227,14 +227,18 @@ class LeanForward:
         return self.model.parameters()
 
     def __call__(self, input_ids, logits_to_keep, use_cache=False):
-        T, dev = input_ids.shape[1], input_ids.device
-        if (T, dev) not in self.tables:   # cos, sin [T, D]; the causal mask of the stacked heads [g * T, T]
+        tables = self.table(input_ids.shape[1], input_ids.device)
+        return CausalLMOutput(logits=self.forward(self.model, input_ids, logits_to_keep, *tables))
+
+    def table(self, T, dev):
+        """cos, sin [T, D] and the causal mask of the stacked heads [g * T, T], made once per length."""
+        if (T, dev) not in self.tables:
             cfg = self.model.config
             g = cfg.num_attention_heads // cfg.num_key_value_heads
             cos, sin = self.model.model.rotary_emb(torch.zeros(1, device=dev), torch.arange(T, device=dev)[None])
             mask = torch.full((T, T), -math.inf, device=dev).triu(1).repeat(g, 1)
             self.tables[T, dev] = (cos[0], sin[0], mask)
-        return CausalLMOutput(logits=self.forward(self.model, input_ids, logits_to_keep, *self.tables[T, dev]))
+        return self.tables[T, dev]
 
 
 def _lean_logits(model, ids, keep, cos, sin, mask):
@@ -258,9 +262,12 @@ def _lean_logits(model, ids, keep, cos, sin, mask):
 
 
 def _rope_half(x, cos, sin):
-    """Hugging Face's RoPE (rotate_half pairs: i with i + D/2)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), -1) * sin
+    """Hugging Face's RoPE (rotate_half pairs: i with i + D/2), written on the halves: Hugging Face's form
+    (x * cos + rotate_half(x) * sin) compiles to a backward whose key gradients are NaN under bf16 autocast when
+    the head is 64 wide (SmolLM2; inductor's vectorised CPU code, torch 2.13: fine with aot_eager or simdlen 0)."""
+    h = x.shape[-1] // 2
+    x1, x2, c, s = x[..., :h], x[..., h:], cos[..., :h], sin[..., :h]
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), -1)
 
 
 def _cat(*linears):

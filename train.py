@@ -193,11 +193,20 @@ def sft_step(model, opt, sched, batch, pad, sc, bf16, world, fwd=None):
     if not math.isfinite(total):
         raise FloatingPointError(f"SFT loss is {total}; stopped before the update")
     allreduce_grads(model, world)
-    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), sc["grad_clip"])
+    gnorm = clip_or_stop(model, sc["grad_clip"], "SFT")
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
     return dict(loss=total, grad_norm=float(gnorm), lr=sched.get_last_lr()[0])
+
+
+def clip_or_stop(model, clip, what):
+    """Clip the gradients to norm `clip`; a NaN or inf gradient (the loss can be finite while it is) stops the run
+    before the update: AdamW would write NaN into every weight it touches, whatever the learning rate."""
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    if not math.isfinite(float(gnorm)):
+        raise FloatingPointError(f"{what} gradient norm is {float(gnorm)}; stopped before the update")
+    return gnorm
 
 
 TAU_PRIME_OLD = ("s_ref", "s_t")
@@ -266,7 +275,7 @@ def rl_update(model, ref, opt, samples, pad, rc, bf16, world, budget):
             loss.backward()
             stats.append(st)
         allreduce_grads(model, world)
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), rc["grad_clip"])
+        gnorm = clip_or_stop(model, rc["grad_clip"], "RL")
         opt.step()
         opt.zero_grad(set_to_none=True)
     out = {k: float(np.mean([s[k] for s in stats])) for k in (stats[0] if stats else {})}

@@ -184,6 +184,28 @@ def test_lean_forward_equals_hf_forward_with_its_gradients():
     assert all(torch.allclose(x, y, atol=1e-5, rtol=1e-4) for x, y in zip(ga, gb))
 
 
+@pytest.mark.slow   # compiling takes about 30 s
+def test_lean_forward_gradients_are_finite_under_bf16_autocast_with_64_wide_heads():
+    """SmolLM2's head width (64) under bf16 autocast, as sft_step runs it: the compiled LeanForward's gradients
+    equal its eager ones. With Hugging Face's rotate_half form of RoPE, inductor's vectorised CPU code made every
+    key-projection gradient below the last layer NaN (torch 2.13), which AdamW spreads to the weights even at lr 0."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=1, rope_theta=100000.0))
+    lean = engine.LeanForward(model)
+    ids, keep = torch.randint(0, 300, (2, 128)), torch.arange(88, 127).repeat(2, 1)
+    out = []
+    for f in (lean.forward, engine._lean_logits):          # compiled, then the same function eager
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = f(model, ids, keep, *lean.table(128, ids.device))
+        logits.float().logsumexp(-1).mean().backward()
+        out.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.isfinite(g).all() for g in out[0])
+    assert all((a - b).norm() <= 0.05 * b.norm() + 1e-6 for a, b in zip(*out))
+
+
 def test_top_p_logprobs_are_renormalised(tiny):
     model, tok = tiny
     g = engine.generate(model, tok, ["abc"] * 4, max_new_tokens=16, temperature=1.0, top_p=0.3, seed=0, stop=())

@@ -2,6 +2,7 @@
 run of every stage on a tiny model."""
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -261,6 +262,21 @@ def test_an_rl_update_moves_the_weights():
     stats = train.rl_update(model, None, opt, _samples(tok, [1.0, -1.0, 0.0]), 0, dict(RC, lr=1e-3), False, 1, 40)
     assert stats["trained_samples"] == 2 and stats["grad_norm"] > 0
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_nan_gradient_stops_the_update_and_leaves_the_weights():
+    """A finite loss can have a NaN gradient (the compiled forward's RoPE once made them, tests/test_engine.py):
+    SFT and RL steps stop before AdamW writes NaN into the weights (at any learning rate, lr 0 included)."""
+    model, tok = agent.load_model("tiny", dtype=torch.float32, **SMALL)
+    model.model.norm.weight.register_hook(lambda g: torch.full_like(g, math.nan))
+    before = copy.deepcopy(model.state_dict())
+    batch = _samples(tok, [1.0, -1.0, 0.5])
+    with pytest.raises(FloatingPointError, match="SFT gradient norm is nan"):
+        train.sft_step(model, train.make_optimizer(model, 0.0), Sched(), batch, 0,
+                       dict(train.DEFAULTS["sft"], micro_batch=2), False, 1)
+    with pytest.raises(FloatingPointError, match="RL gradient norm is nan"):
+        train.rl_update(model, None, train.make_optimizer(model, 0.0), batch, 0, RC, False, 1, 40)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 # ---- the stages, end to end -----------------------------------------------------------------------------------
