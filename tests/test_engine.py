@@ -83,13 +83,27 @@ def test_a_shared_prefix_is_prefilled_once_and_changes_nothing(tiny, prefill_gro
 
     monkeypatch.setattr(type(model), "forward", counting)
     ours = engine.generate(model, tok, ids, max_new_tokens=20, temperature=0, stop=(), prefill_group=prefill_group)
-    groups = [sorted(ids, key=len)[g:g + prefill_group] for g in range(0, len(ids), prefill_group)]
+    groups = [[ids[i] for i in g] for g in engine.prefill_groups([len(p) - P for p in ids], prefill_group)]
     assert fed == [P] + [len(g) * (len(g[-1]) - P) for g in groups]   # prefill only: decoding is lean
     for p, g in zip(ids, ours):
         assert g.token_ids == _hf_greedy(model, tok, p, 20, [tok.eos_token_id])
     for g, p in zip(engine.generate(model, tok, ids, max_new_tokens=16, temperature=0.7, seed=1, stop=(),
                                     prefill_group=prefill_group), ids):
         assert torch.allclose(torch.tensor(g.logprobs), _full_logprobs(model, p, g.token_ids, 0.7), atol=1e-4)
+
+
+def test_prefill_groups_fill_up_to_most_rows_and_bound_their_padding():
+    """Equal lengths fill groups of `most` rows (fewer, larger forwards); mixed lengths close a group before its
+    padding passes PAD_SLACK of its real tokens; every row once, shortest first."""
+    assert engine.prefill_groups([60] * 70, 32) == [list(range(32)), list(range(32, 64)), list(range(64, 70))]
+    lengths = [233, 40, 41, 300, 39, 250, 242, 40, 900]
+    groups = engine.prefill_groups(lengths, 4)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    assert [lengths[i] for g in groups for i in g] == sorted(lengths)
+    for g in groups:
+        real = sum(lengths[i] for i in g)
+        assert len(g) <= 4 and max(lengths[i] for i in g) * len(g) <= (1 + engine.PAD_SLACK) * real
+    assert [len(g) for g in groups] == [4, 3, 1, 1]   # 39-41 | 233-250 | 300 | 900
 
 
 def test_a_row_that_ends_on_eos_keeps_it(tiny):
