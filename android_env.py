@@ -404,10 +404,11 @@ class AndroidWorldEnv:
     reset(seed) runs tasks[seed % len(tasks)] with its params seeded by `seed`."""
     name, rules = "android", RULES
 
-    def __init__(self, connect, tasks, *, max_steps=None, compact=False):
+    def __init__(self, connect, tasks, *, max_steps=None, compact=False, future_lines=0):
         self.connect = connect  # () -> the live Device of this env's emulator
         self.device, self.tasks = connect(), list(tasks)
         self.max_steps_override, self.compact = max_steps, compact
+        self.future_lines = envs.check_future_lines(future_lines)
         self.task, self.obs, self.task_type, self.seed = "", "", "", None
         self.actions, self.screens = [], []  # screens[k]: the visible elements after k steps
         self.steps, self.max_steps, self.done, self.success = 0, 0, False, False
@@ -526,14 +527,14 @@ class AndroidWorldEnv:
 
 # ----------------------------------------------------------------------------- make_env
 
-TEXTPHONE_OPTIONS = ("templates", "max_steps", "compact")
+TEXTPHONE_OPTIONS = ("templates", "max_steps", "compact", "future_lines")
 ANDROID_WORLD_OPTIONS = ("console_port", "grpc_port", "adb_path", "emulator_setup", "freeze_datetime", "tasks",
-                         "max_steps", "compact", "android_world_path", "timeout")
+                         "max_steps", "compact", "future_lines", "android_world_path", "timeout")
 
 
 def make_env(split, backend="textphone", **options):
     """An env of `split` (train / id / ood). backend "textphone" (default): the offline stand-in, options
-    templates (narrow the split's templates to these), max_steps, compact. backend "android_world": see
+    templates (narrow the split's templates to these), max_steps, compact, future_lines. backend "android_world": see
     android_world_env."""
     envs.check_split(split)
     if backend == "textphone":
@@ -547,12 +548,13 @@ def make_env(split, backend="textphone", **options):
 
 
 def android_world_env(split, console_port=5554, grpc_port=8554, adb_path=None, emulator_setup=False,
-                      freeze_datetime=True, tasks=None, max_steps=None, compact=False, android_world_path=None,
-                      timeout=300.0):
+                      freeze_datetime=True, tasks=None, max_steps=None, compact=False, future_lines=0,
+                      android_world_path=None, timeout=300.0):
     """AndroidWorldEnv on the emulator at console_port / grpc_port (env_launcher.load_and_setup_env's
     arguments; adb_path defaults to android_world's). Under torchrun, rank r = $LOCAL_RANK drives its own
     emulator: console_port + 2r (emulators take console ports 5554, 5556, ...) and grpc_port + r.
     tasks: narrow the split's task templates to these class names. max_steps: override int(10 x complexity).
+    future_lines: k > 0 writes a future screen in traces as its first k changed lines (envs.future_text).
     android_world_path: put first on the worker's sys.path (a source checkout; tests: the fake package).
     timeout: seconds one device call may take before the episode ends with a device error."""
     rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -567,4 +569,5 @@ def android_world_env(split, console_port=5554, grpc_port=8554, adb_path=None, e
         names = connect().info["tasks"]
     except DeviceError as e:
         raise (ImportError if str(e).startswith(INSTALL_HINT) else RuntimeError)(str(e)) from None
-    return AndroidWorldEnv(connect, split_tasks(names, split, tasks), max_steps=max_steps, compact=compact)
+    return AndroidWorldEnv(connect, split_tasks(names, split, tasks), max_steps=max_steps, compact=compact,
+                           future_lines=future_lines)

@@ -30,7 +30,8 @@ def same_type(default, value):
 
 def merge(base, new, where="config", free=("env_kwargs",)):
     """Merge `new` into a copy of `base`; unknown keys and mismatched types raise ValueError. Keys in `free`
-    are mappings whose own keys are not checked here (the env checks its options)."""
+    are mappings whose own keys are not checked here (the env checks its options); they merge key by key too,
+    so `env_kwargs.future_lines=3` on the command line keeps the config file's other env options."""
     out = copy.deepcopy(base)
     for k, v in (new or {}).items():
         if k not in base:
@@ -41,10 +42,10 @@ def merge(base, new, where="config", free=("env_kwargs",)):
                 v = float(v)
             except ValueError:
                 pass
-        if isinstance(b, dict) and k not in free:
+        if isinstance(b, dict):
             if not isinstance(v, dict):
                 raise ValueError(f"{where}.{k}: expected a mapping, got {v!r}")
-            out[k] = merge(b, v, f"{where}.{k}", free)
+            out[k] = {**b, **v} if k in free else merge(b, v, f"{where}.{k}", free)
         elif not same_type(b, v):
             raise ValueError(f"{where}.{k}: expected {type(b).__name__}, got {v!r}")
         else:

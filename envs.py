@@ -33,6 +33,7 @@ class Env(Protocol):
     done: bool
     success: bool
     task_type: str    # a label evaluation groups success by (task family, template); "" if none
+    # optional: future_lines (int), how traces write a future state (future_text); absent means 0, the whole state
 
     def reset(self, seed: int) -> str:
         """Start the episode of `seed` and return its first observation."""
@@ -113,6 +114,27 @@ def f1(a, b):
         return 0.0
     p, r = common / len(a), common / len(b)
     return 2 * p * r / (p + r)
+
+
+def future_text(env, prev, obs):
+    """A future state as a trace, a refinement prompt and the simulation score write it: the observation `obs`
+    reached from `prev`, whole, unless the env has `future_lines` = k > 0 (a text env's option). Then only the
+    lines of `obs` that `prev` does not have, the first k of them and a count of the rest, or "(no change)".
+    A ReSim trace of a 135M model is mostly unchanged screen lines copied from the prompt; the change is what
+    tells two plans apart (README, TextPhone)."""
+    k = getattr(env, "future_lines", 0)
+    if not k:
+        return obs
+    before = set(prev.splitlines())
+    new = [line for line in obs.splitlines() if line not in before]
+    more = [f"(+{len(new) - k} more)"] if len(new) > k else []
+    return "\n".join(new[:k] + more) or "(no change)"
+
+
+def check_future_lines(k):
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"future_lines must be an int >= 0 (0: the whole state), got {k!r}")
+    return k
 
 
 def token_f1(a, b):

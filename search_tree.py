@@ -15,12 +15,13 @@ import numpy as np
 
 import agent
 import engine
+import envs
 
 
 @dataclass
 class Rollout:
     actions: list = field(default_factory=list)       # â_1..â_n, n <= d
-    observations: list = field(default_factory=list)  # the real observation after each action
+    observations: list = field(default_factory=list)  # the real observation after each action (future_text)
     value: float = 0.0                                 # V(leaf)
     success: bool = False                              # the rollout itself solved the task
     done: bool = False
@@ -35,10 +36,10 @@ def expand(env, *, b, d, act, value, rng):
         env.set_state(root)
         r = Rollout()
         while len(r.actions) < d and not env.done:
-            a = act(env, rng)
+            a, prev = act(env, rng), env.obs
             obs, _, done, info = env.step(a)
             r.actions.append(a)
-            r.observations.append(obs)
+            r.observations.append(envs.future_text(env, prev, obs))
             r.success, r.done = bool(info["success"]), done
         key = tuple(r.actions)
         if key in seen:

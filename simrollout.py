@@ -20,6 +20,7 @@ import torch
 
 import agent
 import engine
+import envs
 import grpo
 
 REFINE = "Real states after your plan:\n{futures}\nWrite an improved answer."   # short: byte-level models pay per char
@@ -27,13 +28,14 @@ REFINE = "Real states after your plan:\n{futures}\nWrite an improved answer."   
 
 def real_futures(env, actions):
     """Execute `actions` from env's current state in a branch: [(action, real observation)] until the episode
-    ends; the env is restored afterwards."""
+    ends, each observation as traces write it (envs.future_text); the env is restored afterwards."""
     root, out = env.get_state(), []
     for a in actions:
         if env.done:
             break
+        prev = env.obs
         obs, _, _, _ = env.step(a)
-        out.append((a, obs))
+        out.append((a, envs.future_text(env, prev, obs)))
     env.set_state(root)
     return out
 

@@ -399,12 +399,13 @@ class TextPhone:
     _STATE = ("seed", "task_type", "params", "task", "data", "stack", "steps", "max_steps", "done", "success",
               "gave_up", "obs")
 
-    def __init__(self, templates=None, max_steps=None, compact=False):
+    def __init__(self, templates=None, max_steps=None, compact=False, future_lines=0):
         self.templates = list(templates or ID_TEMPLATES)
         bad = [t for t in self.templates if t not in TEMPLATES]
         if bad:
             raise ValueError(f"unknown task template {bad[0]!r}; known: {sorted(TEMPLATES)}")
         self.max_steps_override, self.compact = max_steps, compact
+        self.future_lines = envs.check_future_lines(future_lines)
         self.data, self.stack, self.params, self.task_type = {}, [{"name": "home"}], {}, ""
         self.task, self.obs, self.seed = "", "", None
         self.steps, self.max_steps, self.done, self.success, self.gave_up = 0, 0, False, False, False
@@ -521,10 +522,11 @@ class TextPhone:
         return self.data["next_id"] - 1
 
 
-def make_env(split, templates=None, max_steps=None, compact=False):
+def make_env(split, templates=None, max_steps=None, compact=False, future_lines=0):
     """TextPhone for a split: ID templates for train and id (disjoint seeds), the held-out ones for ood.
     templates: narrow the split's templates to these names. max_steps: override int(10 x complexity).
-    compact: short screen lines (about 5x fewer characters) for small byte-level models."""
+    compact: short screen lines (about 5x fewer characters) for small byte-level models. future_lines: k > 0
+    writes a future screen in traces as its first k changed lines (envs.future_text); 0, the whole screen."""
     envs.check_split(split)
     chosen = list(OOD_TEMPLATES if split == "ood" else ID_TEMPLATES)
     templates = [templates] if isinstance(templates, str) else templates
@@ -536,4 +538,4 @@ def make_env(split, templates=None, max_steps=None, compact=False):
         if not chosen:
             raise ValueError(f"none of {list(templates)} is a {split} template; {split} has "
                              f"{list(OOD_TEMPLATES if split == 'ood' else ID_TEMPLATES)}")
-    return TextPhone(chosen, max_steps, compact)
+    return TextPhone(chosen, max_steps, compact, future_lines)

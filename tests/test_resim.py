@@ -246,3 +246,35 @@ def test_collect_searches_the_split_it_is_given():
                                 system=False, progress=False, b=2, d=1, b_train=2, split="ood")
     obs = envs.make_env("sokoban", "ood").reset(seeds[0])
     assert stats["solved"] == 1 and obs in recs[0].prompt
+
+
+def test_textphone_traces_write_each_future_as_its_change_and_score_against_the_real_change():
+    """env option future_lines: the trace, the refinement prompt and the simulation score all write a future
+    screen as its changed lines; verify still finds every state real, and a trace that copies whole screens
+    no longer scores 1."""
+    _, tok = agent.load_model("tiny", **TINY)
+    seeds = envs.split_seeds("train", 3)
+    kw = dict(tokenizer=tok, aggregate=resim.template_aggregate, act=search_tree.expert_policy(0.5),
+              value=search_tree.expert_value(0.9), system=False, progress=False, b=3, d=1, b_train=2,
+              refine_frac=1.0)
+    short, _ = resim.collect("android", {"compact": True, "future_lines": 3}, seeds, **kw)
+    whole, _ = resim.collect("android", {"compact": True}, seeds, **kw)
+    assert short and [r.action for r in short] == [r.action for r in whole]       # the same search
+    checked, wrong = resim.verify(short)
+    assert checked >= len(short) and wrong == []
+    states = [s for r in short for p in agent.parse_response(r.response).plans for s in p.states]
+    assert all(len(s.splitlines()) <= 4 for s in states)
+    assert sum(map(len, (r.response for r in short))) < 0.8 * sum(map(len, (r.response for r in whole)))
+    refine = [r for r in short if r.kind == "refine"]
+    assert refine and all(len(r.prompt.split("Real states after your plan:\n")[1].split("\nWrite")[0]
+                              .splitlines()) <= 5 for r in refine)
+    env = envs.make_env("android", "train", compact=True, future_lines=3)
+    first = [r for r in short if r.kind == "resim" and r.seed == seeds[0]]
+    copied = [r for r in whole if r.kind == "resim" and r.seed == seeds[0]]
+
+    def episode(recs):
+        turns = [agent.Turn(prompt_ids=[], response_ids=[], text=r.response, obs="", action=r.action, valid=True,
+                            done=False, success=False) for r in recs]
+        return agent.Episode(env_name="android", seed=seeds[0], turns=turns, success=True, max_steps=15)
+    assert evaluate.replay(env, episode(first))[0] == [1.0] * len(first)
+    assert min(evaluate.replay(env, episode(copied))[0]) < 1.0

@@ -339,3 +339,30 @@ def test_compact_screens_are_shorter_and_still_solvable():
         for act_ in short.expert_plan():
             short.step(act_)
         assert short.success
+
+
+def test_future_text_keeps_the_changed_lines_and_counts_the_rest():
+    env = A.make_env("train", compact=True, future_lines=2)
+    assert envs.future_text(env, "a\nb\nc", "a\nx\ny\nz\nw") == "x\ny\n(+2 more)"
+    assert envs.future_text(env, "a\nb", "b\nx") == "x"
+    assert envs.future_text(env, "a\nb", "a\nb") == "(no change)"
+    assert envs.future_text(A.make_env("train"), "a\nb", "a\nx") == "a\nx"      # the default: the whole screen
+    for bad in (-1, "3", 1.5, True):
+        with pytest.raises(ValueError):
+            A.make_env("train", future_lines=bad)
+
+
+def test_future_lines_write_the_element_an_action_touches():
+    """Typing into a form's field changes one line: that line is the future screen a trace writes; the screen
+    the agent sees (env.obs, the prompt) stays whole."""
+    env = A.make_env("train", compact=True, future_lines=3, templates=["rename_file"])
+    env.reset(envs.split_seeds("train", 1)[0])
+    plan = env.expert_plan()
+    while not any('"input_text"' in a for a in plan[:1]):
+        env.step(plan[0])
+        plan = env.expert_plan()
+    prev = env.obs
+    obs, _, _, _ = env.step(plan[0])
+    changed = envs.future_text(env, prev, obs)
+    assert len(changed.splitlines()) == 1 and "EditText" in changed and changed in obs
+    assert env.obs == obs and len(obs.splitlines()) > 1

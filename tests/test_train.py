@@ -36,6 +36,13 @@ def test_config_rejects_unknown_and_mistyped_keys(tmp_path):
     assert cfg["rl"]["lr"] == 1e-4 and cfg["sft"]["lr"] == 1.0 and cfg["env"] == "android"
 
 
+def test_a_dotted_env_option_on_the_command_line_keeps_the_config_files_other_env_options():
+    cfg = common.load_config(train.DEFAULTS, "configs/android_smollm2.yaml", ["env_kwargs.future_lines=0"])
+    assert cfg["env_kwargs"] == {"compact": True, "max_steps": 15, "future_lines": 0}
+    with pytest.raises(ValueError, match="expected a mapping"):
+        common.load_config(train.DEFAULTS, None, ["env_kwargs=3"])
+
+
 def test_every_config_key_is_documented_where_it_is_defined():
     src = open("train.py").read()
     block = src[src.index("DEFAULTS = {"):src.index("STAGES = ")]
