@@ -132,6 +132,7 @@ def future_text(env, prev, obs):
 
 
 def check_future_lines(k):
+    """The future_lines option of a text env, checked: an int >= 0."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 0:
         raise ValueError(f"future_lines must be an int >= 0 (0: the whole state), got {k!r}")
     return k

@@ -141,18 +141,20 @@ def test_perfect_trace_has_simulation_score_one_and_wrong_states_lower():
     env = sokoban.make_env("train")
 
     recs = [r for r in recs if r.kind == "resim"]
-
-    def episode(texts):
-        turns = [agent.Turn(prompt_ids=[], response_ids=[], text=t, obs="", action=r.action, valid=True,
-                            done=False, success=False) for t, r in zip(texts, recs)]
-        return agent.Episode(env_name="sokoban", seed=recs[0].seed, turns=turns, success=True, max_steps=20)
-    good, _ = evaluate.replay(env, episode([r.response for r in recs]))
+    good, _ = evaluate.replay(env, _episode(recs, [r.response for r in recs]))
     assert good == [1.0] * len(recs)
     wrong = [r.response.replace("#", "_", 3) for r in recs]
-    bad, _ = evaluate.replay(env, episode(wrong))
+    bad, _ = evaluate.replay(env, _episode(recs, wrong))
     assert max(bad) < 1.0
-    none, _ = evaluate.replay(env, episode([f"<action>{r.action}</action>" for r in recs]))
+    none, _ = evaluate.replay(env, _episode(recs, [f"<action>{r.action}</action>" for r in recs]))
     assert none == [0.0] * len(recs)
+
+
+def _episode(recs, texts):
+    """An episode that plays the records' actions with `texts` as its responses (for evaluate.replay)."""
+    turns = [agent.Turn(prompt_ids=[], response_ids=[], text=t, obs="", action=r.action, valid=True,
+                        done=False, success=False) for t, r in zip(texts, recs)]
+    return agent.Episode(env_name=recs[0].env, seed=recs[0].seed, turns=turns, success=True, max_steps=20)
 
 
 def test_sft_learns_the_response_and_ignores_the_prompt():
@@ -271,10 +273,5 @@ def test_textphone_traces_write_each_future_as_its_change_and_score_against_the_
     env = envs.make_env("android", "train", compact=True, future_lines=3)
     first = [r for r in short if r.kind == "resim" and r.seed == seeds[0]]
     copied = [r for r in whole if r.kind == "resim" and r.seed == seeds[0]]
-
-    def episode(recs):
-        turns = [agent.Turn(prompt_ids=[], response_ids=[], text=r.response, obs="", action=r.action, valid=True,
-                            done=False, success=False) for r in recs]
-        return agent.Episode(env_name="android", seed=seeds[0], turns=turns, success=True, max_steps=15)
-    assert evaluate.replay(env, episode(first))[0] == [1.0] * len(first)
-    assert min(evaluate.replay(env, episode(copied))[0]) < 1.0
+    assert evaluate.replay(env, _episode(first, [r.response for r in first]))[0] == [1.0] * len(first)
+    assert min(evaluate.replay(env, _episode(copied, [r.response for r in copied]))[0]) < 1.0
