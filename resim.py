@@ -110,7 +110,8 @@ def refinement_example(env, history, obs, tree, *, plan_order, rng, tokenizer, h
 
 
 def resim_episode(env, seed, *, b, d, b_train, plan_order, act, value, aggregate, rng, tokenizer, history_k,
-                  system, refine_frac=0.0, refine_keep=0.5, detour=0.0, hide_best=0.0, env_kwargs=None):
+                  system, refine_frac=0.0, refine_keep=0.5, detour=0.0, hide_best=0.0, value_scale="absolute", gamma=0.9,
+                  distinct=1, env_kwargs=None):
     """Algorithm 3 on one episode. Returns (records, success): one record per real step, plus a refinement
     record for a `refine_frac` share of the steps. With probability `detour` the real env takes the first
     action of another rollout whose leaf is still solvable instead of the chosen one: the trace still teaches
@@ -118,10 +119,15 @@ def resim_episode(env, seed, *, b, d, b_train, plan_order, act, value, aggregate
     With probability `hide_best` (where the tree has 3+ rollouts) the trace lists only rollouts other than the
     best and chooses the best of those; the real env still takes the best action. Everywhere else the best plan's
     action is also the state's usual move, so a model can write the action from the state alone and ignore its
-    own "Best:" line; these traces are where only the simulation gives the action (README, Stage 1)."""
+    own "Best:" line; these traces are where only the simulation gives the action (README, Stage 1).
+    value_scale "relative" writes each value against the root's (search_tree.relative_to_root); distinct: draw
+    rollouts past b until that many differ (search_tree.expand)."""
     obs, history, records = env.reset(seed), [], []
     while not env.done:
-        tree = search_tree.best_first(search_tree.expand(env, b=b, d=d, act=act, value=value, rng=rng))
+        tree = search_tree.expand(env, b=b, d=d, act=act, value=value, rng=rng, distinct=distinct)
+        if value_scale == "relative":
+            tree = search_tree.relative_to_root(tree, value(env), gamma)
+        tree = search_tree.best_first(tree)
         if not tree:
             break
         hide = bool(hide_best) and len(tree) > 2 and rng.random() < hide_best   # no draw when off: same traces
@@ -148,8 +154,8 @@ def resim_episode(env, seed, *, b, d, b_train, plan_order, act, value, aggregate
 
 
 def collect(env_name, env_kwargs, seeds, *, act, value, aggregate, tokenizer, b=4, d=1, b_train=2,
-            plan_order="shuffled", refine_frac=0.0, refine_keep=0.5, detour=0.0, hide_best=0.0, history_k=0,
-            system=True, seed=0, progress=True, split="train"):
+            plan_order="shuffled", refine_frac=0.0, refine_keep=0.5, detour=0.0, hide_best=0.0,
+            value_scale="absolute", gamma=0.9, distinct=1, history_k=0, system=True, seed=0, progress=True, split="train"):
     """ReSim data for many episodes of a split (train; a held-out one only to probe a model, as
     bench/probe_traces.py does); keeps the successful ones. Returns (records, stats)."""
     env = envs.make_env(env_name, split, **env_kwargs)
@@ -159,7 +165,8 @@ def collect(env_name, env_kwargs, seeds, *, act, value, aggregate, tokenizer, b=
         recs, ok = resim_episode(env, s, b=b, d=d, b_train=b_train, plan_order=plan_order, act=act, value=value,
                                  aggregate=aggregate, rng=rng, tokenizer=tokenizer, history_k=history_k,
                                  system=system, refine_frac=refine_frac, refine_keep=refine_keep, detour=detour,
-                                 hide_best=hide_best, env_kwargs=env_kwargs)
+                                 hide_best=hide_best, value_scale=value_scale, gamma=gamma, distinct=distinct,
+                                 env_kwargs=env_kwargs)
         solved += ok
         records += recs if ok else []
     stats = dict(episodes=len(seeds), solved=solved, steps=sum(r.kind == "resim" for r in records),

@@ -9,6 +9,7 @@ Value functions (`value(env) -> float`):        expert (gamma ** steps-to-go, 0 
                                                  mc (Monte-Carlo success, the paper's Appendix D.3 form),
                                                  llm (a prompted judge).
 """
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,12 +28,15 @@ class Rollout:
     done: bool = False
 
 
-def expand(env, *, b, d, act, value, rng):
+def expand(env, *, b, d, act, value, rng, distinct=1):
     """Algorithm 3's inner loop: b rollouts of depth <= d from env's current state, deduplicated by action
-    sequence, each leaf scored by `value`. The env is left in the state it started from."""
+    sequence, each leaf scored by `value`. The env is left in the state it started from. With distinct > 1,
+    rollouts are drawn past b (4 b in all at most) until that many differ: an eps-expert often repeats itself,
+    and a tree of one rollout gives a trace that compares nothing."""
     root = env.get_state()
-    tree, seen = [], set()
-    for _ in range(b):
+    tree, seen, drawn = [], set(), 0
+    while drawn < b or (len(tree) < distinct and drawn < 4 * b):
+        drawn += 1
         env.set_state(root)
         r = Rollout()
         while len(r.actions) < d and not env.done:
@@ -49,6 +53,17 @@ def expand(env, *, b, d, act, value, rng):
         tree.append(r)
     env.set_state(root)
     return tree
+
+
+def relative_to_root(tree, root_value, gamma):
+    """Each rollout's value as a share of the best its root allows: gamma ** depth * V(leaf) / V(root), at most 1
+    (resim.value_scale: relative). With the expert value that is gamma ** (moves the plan loses against an optimal
+    one): 1.00 for an optimal plan whatever the task's length, 0.90 for a wasted move, 0 for a dead end. From one
+    root the ranking is the discounted return's (V(leaf)'s for plans of one depth): the choice is the same, only
+    the numbers written differ, and they no longer carry the task's length. A root valued 0 keeps V(leaf)."""
+    if root_value <= 0:
+        return tree
+    return [dataclasses.replace(r, value=min(1.0, gamma ** len(r.actions) * r.value / root_value)) for r in tree]
 
 
 def best_first(tree):

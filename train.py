@@ -72,11 +72,14 @@ DEFAULTS = {
         "b": 4,                   # rollouts per real state
         "d": 1,                   # rollout depth (the paper caps it at 5)
         "b_train": 2,             # rollouts kept in a trace: the best and b_train - 1 others
+        "distinct": 1,            # draw rollouts past b (4 b at most) until this many differ (search_tree.expand)
         "plan_order": "shuffled",  # shuffled: the best plan's place is random | best_first (the ablation)
         "rollout": "expert",      # rollout policy: expert (with eps-random deviations) | random | llm
         "eps": 0.3,               # the expert's deviation probability
         "value": "expert",        # leaf value: expert (gamma ** steps-to-go) | mc (Appendix D.3) | llm
         "gamma": 0.9,             # the value's discount
+        "value_scale": "absolute",  # absolute: V(leaf) | relative: against the root's value, 1.00 = an optimal
+                                  # plan whatever the task's length (search_tree.relative_to_root; README)
         "refine_frac": 0.05,      # share of steps that also give a SimRollout-format example (README)
         "refine_keep": 0.5,       # share of those whose previous answer already chose the best plan (kept)
         "detour": 0.0,            # share of steps where the real env takes another plan's action (off-path states)
@@ -326,6 +329,7 @@ def traces(cfg, model, tok, device, rank, world, run):
                                    tokenizer=tok, b=rc["b"], d=rc["d"], b_train=rc["b_train"],
                                    plan_order=rc["plan_order"], refine_frac=rc["refine_frac"],
                                    refine_keep=rc["refine_keep"], detour=rc["detour"], hide_best=rc["hide_best"],
+                                   value_scale=rc["value_scale"], gamma=rc["gamma"], distinct=rc["distinct"],
                                    history_k=cfg["history_k"], system=cfg["system"], seed=cfg["seed"],
                                    progress=rank == 0)
     records = sorted(gather(records, world), key=lambda r: (r.seed, r.step))   # stable: a step's refine after it
@@ -599,6 +603,10 @@ def main(argv=None):
             raise ValueError(f"resim.refine_keep is a share in [0, 1], got {cfg['resim']['refine_keep']}")
         if not 0 <= cfg["resim"]["hide_best"] <= 1:
             raise ValueError(f"resim.hide_best is a share in [0, 1], got {cfg['resim']['hide_best']}")
+        if not isinstance(cfg["resim"]["distinct"], int) or cfg["resim"]["distinct"] < 1:
+            raise ValueError(f"resim.distinct is a count of rollouts >= 1, got {cfg['resim']['distinct']!r}")
+        if cfg["resim"]["value_scale"] not in ("absolute", "relative"):
+            raise ValueError(f"resim.value_scale must be absolute or relative, got {cfg['resim']['value_scale']!r}")
         if cfg["resim"]["hide_best"] and cfg["resim"]["action_only"]:   # its traces' actions are not the best move
             raise ValueError("resim.hide_best needs the traces: with action_only it would teach non-best moves bare")
         if stage != "resim" and cfg["rl"]["min_moves"] > 0:

@@ -19,10 +19,10 @@ import os
 import random
 import sys
 
-import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import agent  # noqa: E402
+import common  # noqa: E402
 import engine  # noqa: E402
 import envs  # noqa: E402
 import resim  # noqa: E402
@@ -34,7 +34,8 @@ def held_out(cfg, model, tok, n_episodes):
     act, value, aggregate = train.search_parts(cfg, model, tok, model.device)   # the run's own search
     records, _ = resim.collect(cfg["env"], cfg["env_kwargs"], envs.split_seeds("id", n_episodes), act=act,
                                value=value, aggregate=aggregate, tokenizer=tok, b=rc["b"], d=rc["d"],
-                               b_train=rc["b_train"], plan_order=rc["plan_order"], history_k=cfg["history_k"],
+                               b_train=rc["b_train"], plan_order=rc["plan_order"], value_scale=rc["value_scale"],
+                               gamma=rc["gamma"], distinct=rc["distinct"], history_k=cfg["history_k"],
                                system=cfg["system"], seed=cfg["seed"], progress=False, split="id")
     return records
 
@@ -65,11 +66,10 @@ def main():
     ap.add_argument("--model", default="", help="the model to probe (default: the run's model/)")
     ap.add_argument("--n", type=int, default=48, help="prompts per set")
     args = ap.parse_args()
-    with open(os.path.join(args.run, "config.yaml")) as f:
-        cfg = yaml.safe_load(f)
+    cfg = common.load_config(train.DEFAULTS, os.path.join(args.run, "config.yaml"))   # an older run: today's defaults
     model, tok = agent.load_model(args.model or os.path.join(args.run, "model"), dtype="bfloat16")
-    train = [r for r in resim.read_jsonl(os.path.join(args.run, "traces.jsonl")) if r.kind == "resim"]
-    random.Random(0).shuffle(train)
+    trained = [r for r in resim.read_jsonl(os.path.join(args.run, "traces.jsonl")) if r.kind == "resim"]
+    random.Random(0).shuffle(trained)
     heldout = []
     for k in (max(8, args.n // 3), args.n * 2):   # enough held-out episodes for n steps
         heldout = [r for r in held_out(cfg, model, tok, k) if r.kind == "resim"]
@@ -77,7 +77,7 @@ def main():
             break
     random.Random(0).shuffle(heldout)
     print(f"{'set':<10}{'n':>5}{'valid':>8}{'trace pick':>12}{'own argmax':>12}{'(compared)':>12}")
-    for name, recs in (("train", train[:args.n]), ("held-out", heldout[:args.n])):
+    for name, recs in (("train", trained[:args.n]), ("held-out", heldout[:args.n])):
         s = score(model, tok, recs, cfg["max_new_tokens"])
         print(f"{name:<10}{s['n']:>5}{s['valid']:>8.3f}{s['trace_pick']:>12.3f}{s['own_argmax']:>12.3f}"
               f"{s['compared']:>12}")

@@ -275,3 +275,62 @@ def test_textphone_traces_write_each_future_as_its_change_and_score_against_the_
     copied = [r for r in whole if r.kind == "resim" and r.seed == seeds[0]]
     assert evaluate.replay(env, _episode(first, [r.response for r in first]))[0] == [1.0] * len(first)
     assert min(evaluate.replay(env, _episode(copied, [r.response for r in copied]))[0]) < 1.0
+
+
+def test_relative_values_score_each_plan_against_its_root_and_choose_as_before():
+    """resim.value_scale=relative: a written value is gamma ** (moves the plan loses against an optimal one), so an
+    optimal first move reads 1.00 on a 3-step task and on an 8-step one alike (absolute values carry the task's
+    length); the search, the choice and the states are those of the absolute traces."""
+    _, tok = agent.load_model("tiny", **TINY)
+    seeds = envs.split_seeds("train", 6)
+    kw = dict(tokenizer=tok, aggregate=resim.template_aggregate, act=search_tree.expert_policy(0.5),
+              value=search_tree.expert_value(0.9), system=False, progress=False, b=3, d=1, b_train=2)
+    rel, _ = resim.collect("android", {"compact": True}, seeds, value_scale="relative", gamma=0.9, **kw)
+    ab, _ = resim.collect("android", {"compact": True}, seeds, **kw)
+    assert rel and [(r.seed, r.action) for r in rel] == [(r.seed, r.action) for r in ab]
+    env = envs.make_env("android", "train", compact=True)
+    best_rel, best_abs = set(), set()
+    for r, a in zip(rel, ab):
+        got, old = agent.parse_response(r.response), agent.parse_response(a.response)
+        assert [p.states for p in got.plans] == [p.states for p in old.plans] and got.best == old.best
+        env.reset(r.seed)
+        for x in r.prefix:
+            env.step(x)
+        root, n = env.get_state(), len(env.expert_plan())
+        optimal = env.expert_plan()[0]
+        for p in got.plans:
+            env.set_state(root)
+            _, _, done, info = env.step(p.actions[0])
+            m = 0 if info["success"] else (None if done else len(env.expert_plan()))
+            want = 0.0 if m is None else min(1.0, 0.9 ** (1 + m - n))
+            assert abs(p.value - round(want, 2)) < 1e-9
+        if r.action == optimal:
+            best_rel.add(got.plans[got.best].value)
+            best_abs.add(old.plans[old.best].value)
+    assert best_rel == {1.0} and len(best_abs) >= 3
+
+
+def test_relative_values_keep_best_the_highest_over_plans_of_several_depths():
+    recs, _, _ = _collect(8, eps=0.6, b=4, d=3, b_train=3, value_scale="relative", gamma=0.9)
+    assert recs
+    for r in recs:
+        p = agent.parse_response(r.response)
+        assert p.plans[p.best].value == max(q.value for q in p.plans) and max(q.value for q in p.plans) <= 1.0
+    checked, wrong = resim.verify(recs)
+    assert checked and wrong == []
+
+
+def test_distinct_draws_rollouts_until_every_trace_compares_two_plans():
+    """An eps-expert repeats itself: with b=3 about a third of TextPhone trees hold one rollout, and their traces
+    compare nothing. resim.distinct=2 draws past b until two differ; the states stay real."""
+    _, tok = agent.load_model("tiny", **TINY)
+    seeds = envs.split_seeds("train", 8)
+    kw = dict(tokenizer=tok, aggregate=resim.template_aggregate, act=search_tree.expert_policy(0.3),
+              value=search_tree.expert_value(0.9), system=False, progress=False, b=3, d=1, b_train=2)
+    plain, _ = resim.collect("android", {"compact": True}, seeds, **kw)
+    two, _ = resim.collect("android", {"compact": True}, seeds, distinct=2, **kw)
+    n_plans = lambda recs: [len(agent.parse_response(r.response).plans) for r in recs]
+    assert n_plans(plain).count(1) > 0.2 * len(plain)
+    assert n_plans(two).count(1) == 0 and two
+    checked, wrong = resim.verify(two)
+    assert checked >= 2 * len(two) and wrong == []

@@ -64,6 +64,8 @@ def test_every_config_key_is_documented_where_it_is_defined():
     (["resim.refine_keep=1.5"], "resim.refine_keep is a share"),
     (["resim.hide_best=-0.1"], "resim.hide_best is a share"),
     (["resim.hide_best=0.5", "resim.action_only=true"], "resim.hide_best needs the traces"),
+    (["resim.value_scale=root"], "resim.value_scale must be absolute or relative"),
+    (["resim.distinct=0"], "resim.distinct is a count"),
 ])
 def test_cli_config_error_is_one_clear_message(args, match):
     with pytest.raises(SystemExit, match=f"config error: .*{match}"):
