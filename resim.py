@@ -110,8 +110,8 @@ def refinement_example(env, history, obs, tree, *, plan_order, rng, tokenizer, h
 
 
 def resim_episode(env, seed, *, b, d, b_train, plan_order, act, value, aggregate, rng, tokenizer, history_k,
-                  system, refine_frac=0.0, refine_keep=0.5, detour=0.0, hide_best=0.0, value_scale="absolute", gamma=0.9,
-                  distinct=1, env_kwargs=None):
+                  system, refine_frac=0.0, refine_keep=0.5, detour=0.0, hide_best=0.0, value_scale="absolute",
+                  gamma=0.9, distinct=1, env_kwargs=None):
     """Algorithm 3 on one episode. Returns (records, success): one record per real step, plus a refinement
     record for a `refine_frac` share of the steps. With probability `detour` the real env takes the first
     action of another rollout whose leaf is still solvable instead of the chosen one: the trace still teaches
@@ -155,7 +155,8 @@ def resim_episode(env, seed, *, b, d, b_train, plan_order, act, value, aggregate
 
 def collect(env_name, env_kwargs, seeds, *, act, value, aggregate, tokenizer, b=4, d=1, b_train=2,
             plan_order="shuffled", refine_frac=0.0, refine_keep=0.5, detour=0.0, hide_best=0.0,
-            value_scale="absolute", gamma=0.9, distinct=1, history_k=0, system=True, seed=0, progress=True, split="train"):
+            value_scale="absolute", gamma=0.9, distinct=1, history_k=0, system=True, seed=0, progress=True,
+            split="train"):
     """ReSim data for many episodes of a split (train; a held-out one only to probe a model, as
     bench/probe_traces.py does); keeps the successful ones. Returns (records, stats)."""
     env = envs.make_env(env_name, split, **env_kwargs)

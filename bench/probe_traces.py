@@ -19,7 +19,6 @@ import os
 import random
 import sys
 
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import agent  # noqa: E402
 import common  # noqa: E402
