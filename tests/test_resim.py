@@ -296,8 +296,8 @@ def test_relative_values_score_each_plan_against_its_root_and_choose_as_before()
         env.reset(r.seed)
         for x in r.prefix:
             env.step(x)
-        root, n = env.get_state(), len(env.expert_plan())
-        optimal = env.expert_plan()[0]
+        root, plan = env.get_state(), env.expert_plan()
+        n, optimal = len(plan), plan[0]
         for p in got.plans:
             env.set_state(root)
             _, _, done, info = env.step(p.actions[0])
