@@ -9,8 +9,7 @@ Value functions (`value(env) -> float`):        expert (gamma ** steps-to-go, 0 
                                                  mc (Monte-Carlo success, the paper's Appendix D.3 form),
                                                  llm (a prompted judge).
 """
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -63,7 +62,7 @@ def relative_to_root(tree, root_value, gamma):
     the numbers written differ, and they no longer carry the task's length. A root valued 0 keeps V(leaf)."""
     if root_value <= 0:
         return tree
-    return [dataclasses.replace(r, value=min(1.0, gamma ** len(r.actions) * r.value / root_value)) for r in tree]
+    return [replace(r, value=min(1.0, gamma ** len(r.actions) * r.value / root_value)) for r in tree]
 
 
 def best_first(tree):
