@@ -69,6 +69,8 @@ DEFAULTS = {
     "resim": {                    # stage 1: the search trees and the traces written from them
         "episodes": 11500,        # train episodes searched; only the solved ones become traces (the main job:
                                   # what the lean compiled SFT fits in about 15 minutes of this project's CPU)
+        "first": 0,               # the first train episode's index: first=400 with model=<a 400-episode run's
+                                  # model> continues stage 1 on 400 fresh episodes (README, TextPhone)
         "b": 4,                   # rollouts per real state
         "d": 1,                   # rollout depth (the paper caps it at 5)
         "b_train": 2,             # rollouts kept in a trace: the best and b_train - 1 others
@@ -324,7 +326,7 @@ def traces(cfg, model, tok, device, rank, world, run):
             print(f"reusing {len(records)} ReSim steps from {path}")
         return records
     act, value, aggregate = search_parts(cfg, model, tok, device)
-    seeds = envs.split_seeds("train", rc["episodes"])[rank::world]
+    seeds = envs.split_seeds("train", rc["episodes"], rc["first"])[rank::world]
     records, stats = resim.collect(cfg["env"], cfg["env_kwargs"], seeds, act=act, value=value, aggregate=aggregate,
                                    tokenizer=tok, b=rc["b"], d=rc["d"], b_train=rc["b_train"],
                                    plan_order=rc["plan_order"], refine_frac=rc["refine_frac"],

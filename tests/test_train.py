@@ -379,6 +379,18 @@ def test_cached_traces_are_reused_only_with_the_same_prompt_format(tmp_path, mon
     assert "reusing" not in capsys.readouterr().out
 
 
+def test_resim_first_searches_fresh_episodes_past_the_first_run(tmp_path):
+    import envs
+    model, tok = agent.load_model("tiny", **SMALL)
+    run = type("Run", (), {"dir": tmp_path, "log": lambda self, rec: None})()
+    seeds = {}
+    for first in (0, 2):
+        cfg = common.load_config(train.DEFAULTS, None, TINY + ["resim.episodes=2", f"resim.first={first}"])
+        seeds[first] = {r.seed for r in train.traces(cfg, model, tok, "cpu", 0, 1, run)}
+    assert seeds[0] <= set(envs.split_seeds("train", 2)) and seeds[2] <= set(envs.split_seeds("train", 2, 2))
+    assert seeds[0] and seeds[2] and not seeds[0] & seeds[2]
+
+
 @pytest.mark.parametrize("config", [pytest.param("configs/alfworld.yaml", marks=pytest.mark.slow),
                                     "configs/android.yaml"])
 def test_resim_and_dyna_grpo_run_on_the_other_envs(tmp_path, config):
