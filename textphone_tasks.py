@@ -193,6 +193,10 @@ def _pol_delete(key, app, list_screen, item_screen):
 
 # set_alarm
 def gen_set_alarm(rng, d):
+    off = [a["time"] for a in d["alarms"] if not a["on"]]
+    if off and rng.random() < 0.5:   # that time exists, switched off: switching it on is the short way
+        t = _pick(rng, off)
+        return {"time": t, "existing": True}, f"Set an alarm for {t}."
     taken = {a["time"] for a in d["alarms"]}
     while True:
         t = f"{int(rng.integers(0, 24)):02d}:{int(rng.integers(0, 60)):02d}"
@@ -496,7 +500,8 @@ TEMPLATES = {  # name: (gen, check, oracle policy, complexity)
     "add_expense": (gen_add_expense, check_add_expense, pol_add_expense, 1.0),
     "rename_file": (gen_rename_file, check_rename_file, pol_rename_file, 1.0),
     "answer_phone": (gen_answer_phone, check_answer_phone, pol_answer_phone, 1.0),
-    # held out (OOD): new screens/interactions or two apps in one task
+    # held out (OOD): new screens/interactions, a new goal over a known move (disable_alarm: set_alarm's
+    # switch), or two apps in one task; bench/probe_ood_skills.py lists the moves no ID oracle makes
     "update_contact_phone": (gen_update_phone, check_update_phone, pol_update_phone, 1.0),
     "share_contact_number": (gen_share_number, check_share_number, pol_share_number, 1.5),
     "disable_alarm": (gen_disable_alarm, check_disable_alarm, pol_disable_alarm, 0.5),

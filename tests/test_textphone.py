@@ -73,7 +73,8 @@ def test_checks_reject_near_misses():
         assert _near_miss("add_contact", phone, phone[:-1] + str((int(phone[-1]) + 1) % 10), seed) == (True, False)
         env = _env("set_alarm"); env.reset(seed)
         h, m = env.params["time"].split(":")
-        assert _near_miss("set_alarm", m, f"{(int(m) + 1) % 60:02d}", seed) == (True, False)
+        if not env.params.get("existing"):   # the switched-off variant types nothing
+            assert _near_miss("set_alarm", m, f"{(int(m) + 1) % 60:02d}", seed) == (True, False)
         env = _env("send_message"); env.reset(seed)
         assert _near_miss("send_message", env.params["text"], env.params["text"] + "!", seed) == (True, False)
         env = _env("add_expense"); env.reset(seed)
@@ -84,6 +85,25 @@ def test_checks_reject_near_misses():
         assert _near_miss("answer_phone", ph, ph[:-1] + str((int(ph[-1]) + 3) % 10), seed) == (True, False)
         env = _env("rename_file"); env.reset(seed)
         assert _near_miss("rename_file", env.params["new"], "x" + env.params["new"], seed) == (True, False)
+
+
+def test_set_alarm_sometimes_asks_for_a_switched_off_alarm():
+    """disable_alarm (OOD) needs the clock list's alarm switch; set_alarm (ID) must teach that move, so that the
+    held-out template tests a new goal over a known move (before, no ID oracle ever touched an alarm switch)."""
+    env, switched = _env("set_alarm"), 0
+    for seed in envs.split_seeds("train", 40):
+        env.reset(seed)
+        plan = env.expert_plan()
+        moves = []
+        for a in plan:
+            el = env.elements()[A.parse_action(a)["index"]] if '"click"' in a else None
+            moves.append(el and el["do"] and el["do"][0])
+            env.step(a)
+        assert env.success
+        if env.params.get("existing"):
+            switched += 1
+            assert "toggle_alarm" in moves and not any('"input_text"' in a for a in plan), plan
+    assert 5 <= switched <= 35
 
 
 def test_wrong_item_deleted_fails_and_is_unsolvable():
