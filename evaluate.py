@@ -153,6 +153,8 @@ def main():
     ap.add_argument("--system", type=int, default=None, help="1/0: include the system prompt")
     ap.add_argument("--out", default=None, help="write the metrics JSON here")
     ap.add_argument("--show", type=int, default=0, help="print the first K episodes, imagined vs real")
+    ap.add_argument("--templates", nargs="+", default=None, help="TextPhone: play only these task templates "
+                    "(of the split's), e.g. --split ood --templates disable_alarm")
     args = ap.parse_args()
 
     saved = common.prompt_settings(args.model)
@@ -166,6 +168,8 @@ def main():
             raise SystemExit("--official is for --env alfworld")
         env_kwargs = dict(env_kwargs, data="official")
         args.episodes = args.episodes or len(envs.make_env(env_name, args.split, **env_kwargs).games)
+    if args.templates:
+        env_kwargs = dict(env_kwargs, templates=args.templates)
     args.episodes = args.episodes or 20
     t0 = time.time()
     model, tok = agent.load_model(args.model, dtype=args.dtype)
@@ -176,7 +180,7 @@ def main():
     metrics.update(model=args.model, env=env_name, split=args.split, seconds=time.time() - t0)
     print(format_table({args.split: metrics}))
     for ep, env in list(zip(eps, made))[:args.show]:
-        print(f"\n=== episode seed {ep.seed}: success {ep.success}, steps {ep.steps}")
+        print(f"\n=== episode seed {ep.seed}: success {ep.success}, steps {ep.steps}  {env.task}")
         print(replay(env, ep, show=True)[1])
     if args.out:
         with open(args.out, "w") as f:

@@ -323,3 +323,13 @@ def test_reachable_from_env_kwargs_with_clear_errors(monkeypatch, device_log):
     launch = [e for e in _events(device_log, mark) if e["event"] == "load_and_setup_env"]
     assert [(e["console_port"], e["grpc_port"], e["adb_path"]) for e in launch] == [
         (5556, 8555, os.path.expanduser("~/sdk/adb"))]
+
+
+def test_evaluate_plays_only_the_named_templates(monkeypatch, capsys):
+    import evaluate
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", "--env", "android", "--split", "ood", "--templates",
+                                      "disable_alarm", "--episodes", "2", "--max-new-tokens", "4", "--show", "2"])
+    evaluate.main()
+    out = capsys.readouterr().out
+    assert out.count("=== episode") == 2 and out.count("Turn off the") == 2, out
+    assert "disable_alarm" in out and "update_contact_phone" not in out
