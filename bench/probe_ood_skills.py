@@ -17,7 +17,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import envs  # noqa: E402
 from android_env import parse_action  # noqa: E402
 from textphone import make_env  # noqa: E402
-from textphone_tasks import TEMPLATES  # noqa: E402
 
 
 def skill(env, action):
@@ -51,9 +50,8 @@ def main():
     ap.add_argument("--train", type=int, default=800, help="train-split episodes (ID templates) to run")
     ap.add_argument("--ood", type=int, default=20, help="OOD episodes (evaluation's seeds)")
     args = ap.parse_args()
-    seen, env = collections.Counter(), make_env("train")
-    for seed in envs.split_seeds("train", args.train):
-        seen.update(oracle_skills(env, seed))
+    env = make_env("train")
+    seen = {s for seed in envs.split_seeds("train", args.train) for s in oracle_skills(env, seed)}
     print(f"{len(seen)} distinct skills in the oracle plans of {args.train} train episodes")
     env, rows = make_env("ood"), collections.defaultdict(list)
     for seed in envs.split_seeds("ood", args.ood):
@@ -65,7 +63,6 @@ def main():
         unseen = sorted({s for r in rows[t] for s in r})
         print(f"| {t} | {len(rows[t])} | {sum(bool(r) for r in rows[t])} | "
               f"{'; '.join(f'{s}: {m}' for s, m in unseen) or '-'} |")
-    assert set(rows) <= set(TEMPLATES)
 
 
 if __name__ == "__main__":
