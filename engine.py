@@ -140,7 +140,7 @@ class LeanDecoder:
       length (a batch of one gets its own), in which inductor fuses the norms, RoPE, softmax and activations that
       otherwise cost a call each. On this project's 2-core CPU: 1.2-1.4x faster steps for the main job's model,
       about 30 s to compile it once per process (70 s on one thread); SmolLM2's 30 layers take 3 min for 1.2x.
-      Worth it where one process decodes for long (RL; README, Speed).
+      Worth it where one process decodes for long (RL; RESULTS.md, Speed).
     - Attention runs in float32 even for a bf16 model: on CPUs, batched bf16 products of these shapes are
       2-4x slower than float32 ones, and float32 is the more exact."""
 
@@ -214,7 +214,7 @@ class LeanForward:
     grpo.response_logprobs calls it), returns the logits of those positions with gradients to the model's own
     weights: Hugging Face's forward, the overhead left out, compiled for fixed shapes. On this project's 2-core
     CPU, main job's SFT steps of 16 x 256 tokens: 0.238 s against 0.281 s for the compiled Hugging Face forward
-    and 0.342 s uncompiled, and half the compile time (bench/bench_sft.py, README Speed). Where it gains:
+    and 0.342 s uncompiled, and half the compile time (bench/bench_sft.py, RESULTS.md, Speed). Where it gains:
     - RoPE's cos / sin and the causal mask are tables made once per length, outside the graph (from the Hugging
       Face forward, inductor recomputes cos and sin inside the kernel, for every element of every head, and
       builds the mask from int64 comparisons);

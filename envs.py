@@ -121,7 +121,7 @@ def future_text(env, prev, obs):
     reached from `prev`, whole, unless the env has `future_lines` = k > 0 (a text env's option). Then only the
     lines of `obs` that `prev` does not have, the first k of them and a count of the rest, or "(no change)".
     A ReSim trace of a 135M model is mostly unchanged screen lines copied from the prompt; the change is what
-    tells two plans apart (README, TextPhone)."""
+    tells two plans apart (RESULTS.md, The text environments)."""
     k = getattr(env, "future_lines", 0)
     if not k:
         return obs

@@ -118,6 +118,14 @@ def play(model, tokenizer, env_name, split, seeds, *, env_kwargs=None, history_k
     return made, eps
 
 
+def pass_at_k(episodes):
+    """(tasks solved by at least one of their episodes, tasks): an episode's seed is its task."""
+    solved = {}
+    for ep in episodes:
+        solved[ep.seed] = solved.get(ep.seed, False) or bool(ep.success)
+    return sum(solved.values()), len(solved)
+
+
 def format_table(results):
     """The metrics of each split, then success per task type and per optimal length where there are any."""
     head = f"{'split':<6}{'n':>5}{'success':>9}{'95% CI':>14}{'steps':>7}{'return':>8}{'invalid':>9}" \
@@ -153,6 +161,8 @@ def main():
     ap.add_argument("--system", type=int, default=None, help="1/0: include the system prompt")
     ap.add_argument("--out", default=None, help="write the metrics JSON here")
     ap.add_argument("--show", type=int, default=0, help="print the first K episodes, imagined vs real")
+    ap.add_argument("--samples", type=int, default=1, help="play every task K times (needs --temperature > 0): "
+                    "success is then per sample, and pass@K the share of tasks solved at least once")
     ap.add_argument("--templates", nargs="+", default=None, help="TextPhone: play only these task templates "
                     "(of the split's), e.g. --split ood --templates disable_alarm")
     args = ap.parse_args()
@@ -171,13 +181,19 @@ def main():
     if args.templates:
         env_kwargs = dict(env_kwargs, templates=args.templates)
     args.episodes = args.episodes or 20
+    if args.samples < 1 or (args.samples > 1 and args.temperature <= 0):
+        raise SystemExit("--samples K needs K >= 1, and --temperature > 0 when K > 1 (greedy repeats one answer)")
     t0 = time.time()
     model, tok = agent.load_model(args.model, dtype=args.dtype)
-    seeds = envs.split_seeds(args.split, args.episodes, start=args.start)
+    seeds = [s for s in envs.split_seeds(args.split, args.episodes, start=args.start) for _ in range(args.samples)]
     made, eps = play(model, tok, env_name, args.split, seeds, env_kwargs=env_kwargs, history_k=history_k,
                      system=system, max_new_tokens=max_new, temperature=args.temperature)
     metrics = summarize(episode_rows(made, eps))
     metrics.update(model=args.model, env=env_name, split=args.split, seconds=time.time() - t0)
+    if args.samples > 1:
+        k, n = pass_at_k(eps)
+        metrics.update(samples=args.samples, pass_at_k=k / n)
+        print(f"pass@{args.samples}: {k} of {n} tasks")
     print(format_table({args.split: metrics}))
     for ep, env in list(zip(eps, made))[:args.show]:
         print(f"\n=== episode seed {ep.seed}: success {ep.success}, steps {ep.steps}  {env.task}")

@@ -99,7 +99,7 @@ def refinement_example(env, history, obs, tree, *, plan_order, rng, tokenizer, h
     switch); the refinement prompt shows the chosen rollout's real future states. (The target is the ReSim
     trace.) A model trained from scratch has never seen a refinement prompt; without these its SimRollout
     answers are unreadable and A_refine never fires. With keep = 0 every example switches, and the model learns
-    that a refinement always changes the action, a right one too (README, Stage 2: bench/probe_refine.py)."""
+    that a refinement always changes the action, a right one too (RESULTS.md, Stage 2: bench/probe_refine.py)."""
     worse = tree[1]
     plans, i_worse = order_plans(worse, [tree[0]], plan_order, rng)
     chosen, shown = (1 - i_worse, tree[0]) if keep > 0 and rng.random() < keep else (i_worse, worse)
@@ -119,7 +119,7 @@ def resim_episode(env, seed, *, b, d, b_train, plan_order, act, value, aggregate
     With probability `hide_best` (where the tree has 3+ rollouts) the trace lists only rollouts other than the
     best and chooses the best of those; the real env still takes the best action. Everywhere else the best plan's
     action is also the state's usual move, so a model can write the action from the state alone and ignore its
-    own "Best:" line; these traces are where only the simulation gives the action (README, Stage 1).
+    own "Best:" line; these traces are where only the simulation gives the action (RESULTS.md, Stage 1).
     value_scale "relative" writes each value against the root's (search_tree.relative_to_root); distinct: draw
     rollouts past b until that many differ (search_tree.expand)."""
     obs, history, records = env.reset(seed), [], []

@@ -62,7 +62,7 @@ DEFAULTS = {
     "attn": "eager",              # attention of training forwards: eager | sdpa. On CPU eager is 1.3x faster on
                                   # short sequences (Sokoban, 16 x 234 tokens), sdpa 2x on long ones (570 tokens)
     "decode_compile": False,      # torch.compile the lean (Llama / Qwen2) decode step, compiled once per process:
-                                  # for RL runs (cost and gain: engine.LeanDecoder; README, Speed)
+                                  # for RL runs (cost and gain: engine.LeanDecoder; RESULTS.md, Speed)
     "history_k": 0,               # (action, observation) pairs shown in the prompt; Sokoban is Markov
     "system": False,              # system prompt with the rules and the format (a from-scratch model can't read it)
     "max_new_tokens": 320,        # generation budget per response (also Dr. GRPO's constant length)
@@ -70,7 +70,7 @@ DEFAULTS = {
         "episodes": 11500,        # train episodes searched; only the solved ones become traces (the main job:
                                   # what the lean compiled SFT fits in about 15 minutes of this project's CPU)
         "first": 0,               # the first train episode's index: first=400 with model=<a 400-episode run's
-                                  # model> continues stage 1 on 400 fresh episodes (README, TextPhone)
+                                  # model> continues stage 1 on 400 fresh episodes (RESULTS.md, The text environments)
         "b": 4,                   # rollouts per real state
         "d": 1,                   # rollout depth (the paper caps it at 5)
         "b_train": 2,             # rollouts kept in a trace: the best and b_train - 1 others
@@ -363,7 +363,7 @@ def sft_plan(n, batch_size, epochs, lengths, seed):
 def compiled(model):
     """The SFT forward compiled for fixed shapes. Llama / Qwen2: engine.LeanForward (the model's layers without
     Hugging Face's overhead: main job's model, 2 threads, 16 x 256 tokens, 1.2x the compiled Hugging Face
-    forward's steps, 1.4x the eager ones; README Speed); any other model: Hugging Face's forward compiled."""
+    forward's steps, 1.4x the eager ones; RESULTS.md, Speed); any other model: Hugging Face's forward compiled."""
     if engine.lean_ok(model) and not getattr(model.config, "attention_dropout", 0.0):
         return engine.LeanForward(model)
     return torch.compile(model, dynamic=False)

@@ -333,3 +333,25 @@ def test_evaluate_plays_only_the_named_templates(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert out.count("=== episode") == 2 and out.count("Turn off the") == 2, out
     assert "disable_alarm" in out and "update_contact_phone" not in out
+
+
+def test_evaluate_samples_every_task_k_times_and_reports_pass_at_k(monkeypatch, capsys, tmp_path):
+    import json
+    from types import SimpleNamespace
+    import evaluate
+    eps = [SimpleNamespace(seed=s, success=ok) for s, ok in [(1, False), (1, True), (2, False), (2, False), (3, True)]]
+    assert evaluate.pass_at_k(eps) == (2, 3)
+    out_json = tmp_path / "m.json"
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", "--env", "android", "--split", "ood", "--episodes", "2",
+                                      "--samples", "3", "--temperature", "1.0", "--max-new-tokens", "4",
+                                      "--show", "6", "--out", str(out_json)])
+    evaluate.main()
+    out = capsys.readouterr().out
+    seeds = [line.split()[3].rstrip(":") for line in out.splitlines() if line.startswith("=== episode")]
+    assert len(seeds) == 6 and len(set(seeds)) == 2 and seeds[:3] == [seeds[0]] * 3, seeds
+    assert "pass@3: " in out and " of 2 tasks" in out
+    m = json.loads(out_json.read_text())
+    assert m["samples"] == 3 and 0.0 <= m["pass_at_k"] <= 1.0
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", "--env", "android", "--samples", "2"])
+    with pytest.raises(SystemExit, match="temperature"):
+        evaluate.main()
