@@ -120,10 +120,7 @@ def play(model, tokenizer, env_name, split, seeds, *, env_kwargs=None, history_k
 
 def pass_at_k(episodes):
     """(tasks solved by at least one of their episodes, tasks): an episode's seed is its task."""
-    solved = {}
-    for ep in episodes:
-        solved[ep.seed] = solved.get(ep.seed, False) or bool(ep.success)
-    return sum(solved.values()), len(solved)
+    return len({ep.seed for ep in episodes if ep.success}), len({ep.seed for ep in episodes})
 
 
 def format_table(results):

@@ -58,12 +58,12 @@ def main():
     ap.add_argument("--ood", type=int, default=20, help="OOD episodes (evaluation's seeds)")
     ap.add_argument("--history_k", type=int, default=1, help="steps of history in the prompt (the SmolLM2 config's 1)")
     args = ap.parse_args()
-    env, seen, blind = make_env("train", compact=True), set(), 0
+    env, seen, blind_train = make_env("train", compact=True), set(), 0
     for seed in envs.split_seeds("train", args.train):
         skills, unseen_text = oracle_skills(env, seed, args.history_k)
         seen.update(skills)
-        blind += bool(unseen_text)
-    print(f"{len(seen)} distinct skills in the oracle plans of {args.train} train episodes; in {blind} of the "
+        blind_train += bool(unseen_text)
+    print(f"{len(seen)} distinct skills in the oracle plans of {args.train} train episodes; in {blind_train} of the "
           f"episodes the oracle types text its prompt (history_k={args.history_k}) does not hold")
     env, rows, blind = make_env("ood", compact=True), collections.defaultdict(list), collections.Counter()
     for seed in envs.split_seeds("ood", args.ood):
