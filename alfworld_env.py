@@ -52,7 +52,7 @@ GEN_VERSION = 2   # bump when generated games change: cached games of another ve
 OOD_SCENES = (10, 219, 308, 424)   # valid_unseen's scenes (ALFRED's unseen rooms), one per room type
 OFFICIAL_DIRS = {"train": "train", "id": "valid_seen", "ood": "valid_unseen"}
 PLAN_MEMO = 4096                  # expert plans remembered per env (cleared when full)
-OPTIONS = ("max_steps", "cache_dir", "data", "expert", "expert_cap")
+OPTIONS = ("max_steps", "cache_dir", "data", "expert", "expert_cap", "future_items")
 GEN_STATS = Counter()   # generated / rejected games of this process (the retry counter)
 
 # Receptacle types -openable.json leaves out get one each, stoves four burners, placed next to what they stand
@@ -432,7 +432,7 @@ class AlfWorld:
     name, rules = "alfworld", RULES
 
     def __init__(self, split="train", max_steps=50, cache_dir=None, data="auto", expert="handcoded",
-                 expert_cap=50):
+                 expert_cap=50, future_items=0):
         envs.check_split(split)
         for opt, val, ok in (("data", data, ("auto", "generated", "official")),
                              ("expert", expert, ("handcoded", "planner"))):
@@ -440,6 +440,7 @@ class AlfWorld:
                 raise ValueError(f"alfworld option {opt} must be one of {ok}, got {val!r}")
         self.split, self.max_steps, self.cache_dir = split, int(max_steps), cache_dir
         self.expert, self.expert_cap = expert, expert_cap
+        self.future_items = envs.check_future_lines(future_items, "future_items")   # envs.future_text
         self.games = official_games(split) if data != "generated" else []
         if data == "official" and not self.games:
             raise ValueError(f"data='official' but no official {OFFICIAL_DIRS[split]} games under "
@@ -507,10 +508,13 @@ class AlfWorld:
         return self.obs
 
     def valid_actions(self):
-        return list(self._adm)
+        """The admissible commands but "help": the engine's fixed list of command forms, which says nothing of
+        the world and costs a trace about 200 tokens (a random rollout that played it put the list in a trace,
+        and a tie of values once chose it). Typed, it is still played."""
+        return [c for c in self._adm if c != "help"]
 
     def action_hint(self):
-        return "Admissible commands: " + ", ".join(self._adm)
+        return "Admissible commands: " + ", ".join(self.valid_actions())
 
     def expert_plan(self):
         """expert="handcoded" (default): ALFWorld's hand-coded expert played out in a second engine; it first
@@ -546,7 +550,8 @@ class AlfWorld:
 
 def make_env(split, **options):
     """An ALFWorld env of `split`; options: max_steps, cache_dir, data (auto | generated | official), expert
-    (handcoded | planner), expert_cap."""
+    (handcoded | planner), expert_cap, future_items (k > 0: a future state in traces, refinement prompts and the
+    simulation score lists at most k of what a receptacle holds, envs.cut_lists; 0: the whole observation)."""
     envs.check_split(split)
     envs.check_options("alfworld", options, OPTIONS)
     return AlfWorld(split=split, **options)

@@ -121,7 +121,10 @@ def future_text(env, prev, obs):
     reached from `prev`, whole, unless the env has `future_lines` = k > 0 (a text env's option). Then only the
     lines of `obs` that `prev` does not have, the first k of them and a count of the rest, or "(no change)".
     A ReSim trace of a 135M model is mostly unchanged screen lines copied from the prompt; the change is what
-    tells two plans apart (RESULTS.md, The text environments)."""
+    tells two plans apart (RESULTS.md, The text environments). An env with `future_items` = k > 0 (ALFWorld)
+    writes each "you see a, b, and c" list of `obs` as its first k items and a count of the rest (cut_lists)."""
+    if getattr(env, "future_items", 0):
+        return cut_lists(obs, env.future_items)
     k = getattr(env, "future_lines", 0)
     if not k:
         return obs
@@ -131,11 +134,27 @@ def future_text(env, prev, obs):
     return "\n".join(new[:k] + more) or "(no change)"
 
 
-def check_future_lines(k):
-    """The future_lines option of a text env, checked: an int >= 0."""
+def check_future_lines(k, name="future_lines"):
+    """The future_lines (or future_items) option of a text env, checked: an int >= 0."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-        raise ValueError(f"future_lines must be an int >= 0 (0: the whole state), got {k!r}")
+        raise ValueError(f"{name} must be an int >= 0 (0: the whole state), got {k!r}")
     return k
+
+
+SEEN_LIST = re.compile(r"(you see )(.+?)(\.(?:\s|$))")
+
+
+def cut_lists(text, k):
+    """Each "you see a, b, and c." list of an ALFWorld observation cut to its first k items and a count of the
+    rest ("you see a, b, and 3 more."). What an unvisited receptacle holds cannot be imagined right, and a 135M
+    model that learns to imagine a long list loops on it until its token budget ends the answer with no action
+    (RESULTS.md, The text environments)."""
+    def cut(m):
+        items = [i.strip().removeprefix("and ").strip() for i in m.group(2).split(", ")]
+        if len(items) <= k:
+            return m.group(0)
+        return f"{m.group(1)}{', '.join(items[:k])}, and {len(items) - k} more{m.group(3)}"
+    return SEEN_LIST.sub(cut, text)
 
 
 def token_f1(a, b):

@@ -12,6 +12,7 @@ import pytest
 
 import alfworld_env as A
 import envs
+import search_tree
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = envs.split_seeds("train", 12)   # seed k has task type TASK_TYPES[k % 6]
@@ -111,6 +112,38 @@ def test_invalid_and_garbage_are_invalid_steps(env):
         obs, r, done, info = env.step(bad)
         assert obs == "Nothing happens." and info == {"success": False, "action_is_valid": False} and r == 0.0
     assert env.steps == 5 and env.valid_actions() == adm and obs0 != env.render()
+
+
+def test_help_is_not_offered_but_still_played(env):
+    """"help" answers the engine's fixed list of command forms: not in valid_actions (which rollout policies draw
+    from) nor in the prompt's hint, yet typed it is still an admissible command."""
+    env.reset(TRAIN[1])
+    assert "help" in env._adm and "help" not in env.valid_actions() and "help" not in env.action_hint().split(", ")
+    assert set(env.valid_actions()) == set(env._adm) - {"help"}
+    obs, _, _, info = env.step("help")
+    assert info["action_is_valid"] and "go to (receptacle)" in obs
+
+
+def test_future_items_cuts_what_a_receptacle_holds_in_traces(env, cache):
+    """future_items=k: a future state lists at most k of a receptacle's contents, in every rollout of a tree and
+    in the simulation score's real state; the prompt's current observation stays whole."""
+    obs = "You arrive at countertop 1. On the countertop 1, you see a apple 1, a bread 1, a mug 2, and a pan 3."
+    assert envs.cut_lists(obs, 2) == ("You arrive at countertop 1. On the countertop 1, you see a apple 1, "
+                                      "a bread 1, and 2 more.")
+    assert envs.cut_lists(obs, 4) == obs and envs.cut_lists("In it, you see nothing.", 1) == "In it, you see nothing."
+    assert envs.cut_lists("you see a cd 1, and a pen 2. Then", 1) == "you see a cd 1, and 1 more. Then"
+    short = A.make_env("train", cache_dir=cache, data="generated", expert="planner", future_items=1)
+    assert env.future_items == 0 and short.future_items == 1
+    for e in (env, short):
+        e.reset(TRAIN[0])
+    seen = [a for a in short.valid_actions() if a.startswith("go to ")][:8]
+    tree = search_tree.expand(short, b=len(seen), d=1, act=lambda e, rng: seen.pop(), value=lambda e: 0.0,
+                              rng=np.random.default_rng(0))
+    lists = [o.split("you see ", 1)[1] for r in tree for o in r.observations if "you see" in o]
+    assert lists and all(seen.count(", ") <= 1 and ("more." in seen or ", " not in seen) for seen in lists)
+    assert any("more." in o for o in lists) and short.render() == env.render()   # the root's obs is whole
+    with pytest.raises(ValueError, match="future_items must be an int >= 0"):
+        A.make_env("train", future_items=-1)
 
 
 def test_max_steps_step_after_done_and_similarity(cache):
