@@ -8,6 +8,7 @@ import shutil
 import signal
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +85,12 @@ def prompt_settings(model_dir):
 
 # ---- distributed ----------------------------------------------------------------------------------------
 
+# How long a collective waits for the slowest rank. torch's default, 30 min, is less than ranks of a ReSim search
+# may finish apart: with ALFWorld ranks of 15 and over 45 min, the first timed out at the gather and the whole
+# search was lost (RESULTS.md, The text environments).
+DIST_TIMEOUT = timedelta(hours=6)
+
+
 def setup_dist(device_pref):
     """(rank, world, device). torchrun sets WORLD_SIZE; one process needs no process group."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -92,8 +99,15 @@ def setup_dist(device_pref):
     if cuda:
         torch.cuda.set_device(device)
     if world > 1:
-        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+        torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=DIST_TIMEOUT)
     return rank, world, device
+
+
+def deal(items, rank, world):
+    """This rank's share of `items`, dealt from a fixed permutation rather than items[rank::world]: ALFWorld's
+    task type is seed % 6, so seeds[rank::2] gave one rank only three of the six types, and it was the slow rank
+    (search ranks of 19 and 40 min, RESULTS.md, The text environments). The same share every run."""
+    return [items[i] for i in np.random.default_rng(len(items)).permutation(len(items))[rank::world]]
 
 
 def gather(obj, world):

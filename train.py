@@ -326,7 +326,7 @@ def traces(cfg, model, tok, device, rank, world, run):
             print(f"reusing {len(records)} ReSim steps from {path}")
         return records
     act, value, aggregate = search_parts(cfg, model, tok, device)
-    seeds = envs.split_seeds("train", rc["episodes"], rc["first"])[rank::world]
+    seeds = common.deal(envs.split_seeds("train", rc["episodes"], rc["first"]), rank, world)
     records, stats = resim.collect(cfg["env"], cfg["env_kwargs"], seeds, act=act, value=value, aggregate=aggregate,
                                    tokenizer=tok, b=rc["b"], d=rc["d"], b_train=rc["b_train"],
                                    plan_order=rc["plan_order"], refine_frac=rc["refine_frac"],

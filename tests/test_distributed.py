@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -155,3 +156,30 @@ def test_collection_seconds_are_the_slowest_rank_not_the_sum(tmp_path):
     import torch.multiprocessing as mp
     mp.spawn(_rank_collect_stats, args=(2, tmp_path / "store", tmp_path), nprocs=2)
     assert torch.load(tmp_path / "0.pt") == torch.load(tmp_path / "1.pt") == dict(episodes=10, steps=21, seconds=3.0)
+
+
+def test_process_group_waits_hours_for_a_slow_rank(monkeypatch):
+    """ReSim search ranks can finish more than torch's default 30 min apart (ALFWorld: 15 and over 45 min); the
+    gather after the search must wait for the slow one, not time out and lose the search."""
+    import datetime
+
+    import common
+    got = {}
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **kw: got.update(kw))
+    assert common.setup_dist("cpu")[:2] == (0, 2)
+    assert got.get("timeout", datetime.timedelta(minutes=30)) >= datetime.timedelta(hours=2)
+
+
+def test_search_shards_mix_alfworlds_task_types_over_ranks():
+    """ALFWorld's task type is seed % 6: each rank of a ReSim search gets every type, in about equal numbers,
+    and the ranks together get every seed once (seeds[rank::2] gave rank 1 only the odd types, and it was the slow rank)."""
+    import common
+    import envs
+    seeds = envs.split_seeds("train", 200)
+    parts = [common.deal(seeds, r, 2) for r in range(2)]
+    assert sorted(parts[0] + parts[1]) == sorted(seeds) and parts[0] == common.deal(seeds, 0, 2)
+    for part in parts:
+        counts = np.bincount([s % 6 for s in part], minlength=6)
+        assert counts.min() >= 8, counts
