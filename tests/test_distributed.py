@@ -174,7 +174,7 @@ def test_process_group_waits_hours_for_a_slow_rank(monkeypatch):
 
 def test_search_shards_mix_alfworlds_task_types_over_ranks():
     """ALFWorld's task type is seed % 6: each rank of a ReSim search gets every type, in about equal numbers,
-    and the ranks together get every seed once (seeds[rank::2] gave rank 1 only the odd types, and it was the slow rank)."""
+    and the ranks together get every seed once (seeds[rank::2] gave rank 1 only the odd types: the slow rank)."""
     import common
     import envs
     seeds = envs.split_seeds("train", 200)
