@@ -125,8 +125,8 @@ def test_help_is_not_offered_but_still_played(env):
 
 
 def test_future_items_cuts_what_a_receptacle_holds_in_traces(env, cache):
-    """future_items=k: a future state lists at most k of a receptacle's contents, in every rollout of a tree and
-    in the simulation score's real state; the prompt's current observation stays whole."""
+    """future_items=k: a future state lists at most k of a receptacle's contents in every rollout of a tree (the
+    simulation score reads futures through the same envs.future_text); the current observation stays whole."""
     obs = "You arrive at countertop 1. On the countertop 1, you see a apple 1, a bread 1, a mug 2, and a pan 3."
     assert envs.cut_lists(obs, 2) == ("You arrive at countertop 1. On the countertop 1, you see a apple 1, "
                                       "a bread 1, and 2 more.")
@@ -136,11 +136,11 @@ def test_future_items_cuts_what_a_receptacle_holds_in_traces(env, cache):
     assert env.future_items == 0 and short.future_items == 1
     for e in (env, short):
         e.reset(TRAIN[0])
-    seen = [a for a in short.valid_actions() if a.startswith("go to ")][:8]
-    tree = search_tree.expand(short, b=len(seen), d=1, act=lambda e, rng: seen.pop(), value=lambda e: 0.0,
+    gos = [a for a in short.valid_actions() if a.startswith("go to ")][:8]
+    tree = search_tree.expand(short, b=len(gos), d=1, act=lambda e, rng: gos.pop(), value=lambda e: 0.0,
                               rng=np.random.default_rng(0))
     lists = [o.split("you see ", 1)[1] for r in tree for o in r.observations if "you see" in o]
-    assert lists and all(seen.count(", ") <= 1 and ("more." in seen or ", " not in seen) for seen in lists)
+    assert lists and all(listed.count(", ") <= 1 and ("more." in listed or ", " not in listed) for listed in lists)
     assert any("more." in o for o in lists) and short.render() == env.render()   # the root's obs is whole
     with pytest.raises(ValueError, match="future_items must be an int >= 0"):
         A.make_env("train", future_items=-1)
