@@ -82,7 +82,9 @@ def episode_rows(made, episodes):
                          sim=float(np.mean(sims)) if sims else 0.0, task_type=ep.task_type or None,
                          # a state shown twice: under greedy decoding and a Markov prompt, a loop to the step cap
                          revisit=len({t.obs for t in ep.turns}) < len(ep.turns),
-                         optimal=getattr(env, "solution_length", None)))   # Sokoban: BFS-optimal length
+                         optimal=getattr(env, "solution_length", None),   # Sokoban: BFS-optimal length
+                         task=getattr(env, "task", ""),                   # what a failure is read against
+                         actions=[t.action if t.action is not None else t.text for t in ep.turns]))
     return rows
 
 
@@ -185,7 +187,8 @@ def main():
     seeds = [s for s in envs.split_seeds(args.split, args.episodes, start=args.start) for _ in range(args.samples)]
     made, eps = play(model, tok, env_name, args.split, seeds, env_kwargs=env_kwargs, history_k=history_k,
                      system=system, max_new_tokens=max_new, temperature=args.temperature)
-    metrics = summarize(episode_rows(made, eps))
+    rows = episode_rows(made, eps)
+    metrics = summarize(rows)
     metrics.update(model=args.model, env=env_name, split=args.split, seconds=time.time() - t0)
     if args.samples > 1:
         k, n = pass_at_k(eps)
@@ -196,8 +199,8 @@ def main():
         print(f"\n=== episode seed {ep.seed}: success {ep.success}, steps {ep.steps}  {env.task}")
         print(replay(env, ep, show=True)[1])
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(metrics, f, indent=1)
+        with open(args.out, "w") as f:   # per episode too: failures read from actions, not only from --show
+            json.dump(dict(metrics, per_episode=rows), f, indent=1)
 
 
 if __name__ == "__main__":

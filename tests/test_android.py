@@ -352,6 +352,8 @@ def test_evaluate_samples_every_task_k_times_and_reports_pass_at_k(monkeypatch, 
     assert "pass@3: " in out and " of 2 tasks" in out
     m = json.loads(out_json.read_text())
     assert m["samples"] == 3 and 0.0 <= m["pass_at_k"] <= 1.0
+    per = m["per_episode"]     # what each episode did, kept for reading failures after the run
+    assert len(per) == 6 and all(len(r["actions"]) == r["steps"] and r["task"] for r in per), per
     monkeypatch.setattr(sys, "argv", ["evaluate.py", "--env", "android", "--samples", "2"])
     with pytest.raises(SystemExit, match="temperature"):
         evaluate.main()
