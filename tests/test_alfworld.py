@@ -327,3 +327,22 @@ def test_fixes_stay_in_this_module(env):
     from textworld.envs.pddl import logic
     assert BasePolicy.update_state_tracking.__module__ == "alfworld.agents.expert.handcoded_expert"
     assert fast_downward.pddl2sas is pddl2sas and logic.fast_downward.pddl2sas is pddl2sas
+
+
+def test_trace_stats_count_detours_leaves_and_first_stop_takes(tmp_path):
+    """bench/alfworld_traces.py reads what the traces teach about searching from the records alone: here one
+    detour (the real env went to cabinet 1; the trace chose drawer 1), one leave (at cabinet 1 the trace goes on),
+    and a take of the task's object at the second receptacle gone to (not a first-stop take)."""
+    sys.path.insert(0, os.path.join(REPO, "bench"))
+    import alfworld_traces as T
+    prompt = "...\nYour task is to: put some ladle on sinkbasin.\n..."
+    done = ["go to cabinet 1", "go to drawer 1", "take ladle 1 from drawer 1", "go to sinkbasin 1"]
+    chosen = ["go to drawer 1", "go to drawer 1", "take ladle 1 from drawer 1", "go to sinkbasin 1",
+              "move ladle 1 to sinkbasin 1"]
+    recs = [dict(kind="resim", seed=3, step=t, prompt=prompt, action=a, prefix=done[:t]) for t, a in enumerate(chosen)]
+    recs.insert(2, dict(recs[2], kind="refine"))
+    path = tmp_path / "traces.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in reversed(recs)))
+    s = T.stats(T.episodes(str(path)))
+    assert s == dict(episodes=1, steps=5, detours=1, takes=1, takes_named=1, first_stop_takes=0, leaves=1,
+                     leaves_per_episode=1.0), s
