@@ -31,24 +31,32 @@ def wilson(k, n, z=1.96):
     return max(0.0, c - h), min(1.0, c + h)
 
 
-def plan_similarity(env, plan):
+def plan_similarity(env, plan, branch=None):
     """Execute `plan` from env's current state in a branch; mean similarity of imagined vs real states
-    (missing imagined states score 0). Returns (score, [(action, imagined, real)]); the env is restored."""
+    (missing imagined states score 0). Returns (score, [(action, imagined, real)]); env is left as it was.
+    branch: a second env of the same kind to run the plan in, set to env's state first. It is not restored,
+    and that is the point: where the plan is the one action the episode then plays (d=1), the branch already
+    stands at the next real state, so its next set_state costs nothing (an ALFWorld restore replays the game
+    from reset, about 0.6 s)."""
     if plan is None or not plan.actions:
         return 0.0, []
-    pairs = [(a, plan.states[i] if i < len(plan.states) else "", real)
-             for i, (a, real) in enumerate(simrollout.real_futures(env, plan.actions))]
+    if branch is not None:
+        branch.set_state(env.get_state())
+        futures = simrollout.real_futures(branch, plan.actions, restore=False)
+    else:
+        futures = simrollout.real_futures(env, plan.actions)
+    pairs = [(a, plan.states[i] if i < len(plan.states) else "", real) for i, (a, real) in enumerate(futures)]
     total = sum(env.state_similarity(im, real) if im.strip() else 0.0 for _, im, real in pairs)
     return total / len(plan.actions), pairs
 
 
-def replay(env, episode, show=False):
+def replay(env, episode, show=False, branch=None):
     """Replay an episode from its seed: per-step simulation scores (and side-by-side text when show)."""
     env.reset(episode.seed)
     scores, lines = [], []
     for t, turn in enumerate(episode.turns):
         parsed = agent.parse_response(turn.text)
-        s, pairs = plan_similarity(env, parsed.chosen_plan())
+        s, pairs = plan_similarity(env, parsed.chosen_plan(), branch)
         scores.append(s)
         if show:
             lines.append(f"--- step {t}: action {turn.action!r}, simulation {s:.2f}")
@@ -71,11 +79,11 @@ def side_by_side(action, imagined, real):
     return "\n".join(out)
 
 
-def episode_rows(made, episodes):
-    """One dict of metrics per episode (simulation score by replay)."""
+def episode_rows(made, episodes, branch=None):
+    """One dict of metrics per episode (simulation score by replay; `branch`: see plan_similarity)."""
     rows = []
     for env, ep in zip(made, episodes):
-        sims, _ = replay(env, ep)
+        sims, _ = replay(env, ep, branch=branch)
         rows.append(dict(seed=ep.seed, success=bool(ep.success), steps=ep.steps, ret=ep.ret,
                          invalid=ep.invalid / max(1, ep.steps),
                          tokens=float(np.mean([len(t.response_ids) for t in ep.turns])) if ep.turns else 0.0,
@@ -187,7 +195,10 @@ def main():
     seeds = [s for s in envs.split_seeds(args.split, args.episodes, start=args.start) for _ in range(args.samples)]
     made, eps = play(model, tok, env_name, args.split, seeds, env_kwargs=env_kwargs, history_k=history_k,
                      system=system, max_new_tokens=max_new, temperature=args.temperature)
-    rows = episode_rows(made, eps)
+    # ALFWorld's restore replays the game from reset: score plans in a second env (plan_similarity). Not for a
+    # real phone: a second AndroidWorld env would drive the same emulator.
+    branch = envs.make_env(env_name, args.split, **env_kwargs) if env_name == "alfworld" else None
+    rows = episode_rows(made, eps, branch=branch)
     metrics = summarize(rows)
     metrics.update(model=args.model, env=env_name, split=args.split, seconds=time.time() - t0)
     if args.samples > 1:
@@ -197,7 +208,7 @@ def main():
     print(format_table({args.split: metrics}))
     for ep, env in list(zip(eps, made))[:args.show]:
         print(f"\n=== episode seed {ep.seed}: success {ep.success}, steps {ep.steps}  {env.task}")
-        print(replay(env, ep, show=True)[1])
+        print(replay(env, ep, show=True, branch=branch)[1])
     if args.out:
         with open(args.out, "w") as f:   # per episode too: failures read from actions, not only from --show
             json.dump(dict(metrics, per_episode=rows), f, indent=1)

@@ -26,9 +26,10 @@ import grpo
 REFINE = "Real states after your plan:\n{futures}\nWrite an improved answer."   # short: byte-level models pay per char
 
 
-def real_futures(env, actions):
+def real_futures(env, actions, restore=True):
     """Execute `actions` from env's current state in a branch: [(action, real observation)] until the episode
-    ends, each observation as traces write it (envs.future_text); the env is restored afterwards."""
+    ends, each observation as traces write it (envs.future_text); the env is restored afterwards (restore=False:
+    it stays where the plan ended, for an env that is itself a throwaway branch)."""
     root, out = env.get_state(), []
     for a in actions:
         if env.done:
@@ -36,7 +37,8 @@ def real_futures(env, actions):
         prev = env.obs
         obs, _, _, _ = env.step(a)
         out.append((a, envs.future_text(env, prev, obs)))
-    env.set_state(root)
+    if restore:
+        env.set_state(root)
     return out
 
 

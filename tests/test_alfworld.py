@@ -346,3 +346,31 @@ def test_trace_stats_count_detours_leaves_and_first_stop_takes(tmp_path):
     s = T.stats(T.episodes(str(path)))
     assert s == dict(episodes=1, steps=5, detours=1, takes=1, takes_named=1, first_stop_takes=0, leaves=1,
                      leaves_per_episode=1.0), s
+
+
+def test_replay_scores_plans_in_a_branch_same_scores_without_a_reset_per_step(cache, monkeypatch):
+    """evaluate scores an ALFWorld episode's plans in a second env: the same simulation scores as restoring the
+    played env after every plan, without replaying the game from reset at every step (a restore did)."""
+    import agent
+    import evaluate
+    import simrollout
+    e = A.make_env("train", cache_dir=cache, data="generated", expert="planner", future_items=3)
+    e.reset(TRAIN[4])
+    played, turns = ["jump"] + e.expert_plan(), []
+    for i, a in enumerate(played):
+        actions = played[i:i + 2] if i == 2 else [a]          # one two-action plan: the branch runs ahead
+        prev = e.obs
+        real = [r for _, r in simrollout.real_futures(e, actions)]
+        imagined = [r if (i + j) % 2 == 0 else "you see nothing" for j, r in enumerate(real)]
+        text = agent.format_response([agent.Plan(actions, imagined, 0.9)], best=0, action=a)
+        turns.append(agent.Turn([1], [1], text, prev, a, a != "jump", False, False))
+        e.step(a)
+    ep = agent.Episode("alfworld", TRAIN[4], turns, False, 50)
+    resets, real_reset = [], A._Pddl.reset
+    monkeypatch.setattr(A._Pddl, "reset", lambda self: resets.append(1) or real_reset(self))
+    kw = dict(cache_dir=cache, data="generated", expert="planner", future_items=3)
+    restored = evaluate.replay(A.make_env("train", **kw), ep)[0]
+    n_restored, resets[:] = len(resets), []
+    branched = evaluate.replay(A.make_env("train", **kw), ep, branch=A.make_env("train", **kw))[0]
+    assert branched == restored and 0 < min(restored) < 1 == max(restored), restored
+    assert n_restored >= len(turns) and len(resets) <= 3, (n_restored, len(resets))
