@@ -309,6 +309,62 @@ def _expert_play(eng, gamefile, played, seed, cap):
         return None
 
 
+NAME = re.compile(r"\b([a-z]+ \d+)\b")
+USES = re.compile(r"^(?:take|use) ([a-z]+ \d+)")
+
+
+def names(text):
+    """The object and receptacle names an observation shows ("apple 1", "countertop 2")."""
+    return set(NAME.findall(text.lower()))
+
+
+def explorer_plan(eng, gamefile, ops, cmds, seen, receptacles, seed, cap):
+    """A searching expert, played out in the scratch engine `eng` from the state `ops` reached: fast-downward's
+    optimal plan is followed up to the first object it takes or uses (a lamp), and only if that object is one
+    the observations have shown; then it plans again. Until it has, the expert goes to the receptacles it has
+    not been to, in an order seeded by the episode, and opens the closed ones, until an object of the type it
+    needs shows up (or every receptacle has been seen). The planner alone goes straight to an object it
+    cannot have seen: its traces never leave a receptacle for holding the wrong thing (RESULTS.md, ALFWorld).
+    Returns the commands until the goal holds; None past `cap` commands or if the planner finds no plan."""
+    if getattr(eng, "gamefile", None) != gamefile:
+        eng.load(gamefile)
+        eng.gamefile = gamefile
+    eng.reset()
+    _replay_ops(eng.unwrapped, ops)
+    pe, seen, plan, won = eng.unwrapped, set(seen), [], False
+    been = {c[6:] for c in cmds if c.startswith("go to ")}
+    order = [receptacles[i] for i in np.random.default_rng(seed).permutation(len(receptacles))]
+
+    def play(cmd):
+        nonlocal won
+        st, _, _ = eng.step(cmd)
+        plan.append(cmd)
+        if cmd.startswith("go to "):
+            been.add(cmd[6:])
+        seen.update(names(st.feedback))
+        won = bool(st["won"])
+        return st.feedback
+
+    while not won and len(plan) <= cap:
+        steps = pe._pddl_state.replan(pe._entity_infos)
+        if not steps:
+            return None
+        use = next((i for i, c in enumerate(steps) if USES.match(c)), None)
+        wanted = USES.match(steps[use]).group(1) if use is not None else None
+        left = [r for r in order if r not in been]
+        if wanted is None or wanted in seen or not left:
+            for c in steps[:None if use is None else use + 1]:
+                play(c)
+            continue
+        kind = wanted.rsplit(" ", 1)[0]
+        for r in left:       # until an object of the wanted kind shows up
+            if "is closed" in play(f"go to {r}"):
+                play(f"open {r}")
+            if any(n.rsplit(" ", 1)[0] == kind for n in seen):
+                break
+    return plan if won and len(plan) <= cap else None
+
+
 # ----------------------------------------------------------------------------- official games
 def data_root():
     """Where alfworld keeps its data: $ALFWORLD_DATA, else ~/.cache/alfworld, as alfworld/info.py decided when
@@ -435,7 +491,7 @@ class AlfWorld:
                  expert_cap=50, future_items=0):
         envs.check_split(split)
         for opt, val, ok in (("data", data, ("auto", "generated", "official")),
-                             ("expert", expert, ("handcoded", "planner"))):
+                             ("expert", expert, ("handcoded", "planner", "explorer"))):
             if val not in ok:
                 raise ValueError(f"alfworld option {opt} must be one of {ok}, got {val!r}")
         self.split, self.max_steps, self.cache_dir = split, int(max_steps), cache_dir
@@ -447,11 +503,13 @@ class AlfWorld:
                              f"{os.path.join(data_root(), 'json_2.1.1')} (set $ALFWORLD_DATA)")
         self.games = self.games or None
         self._eng = _engine()
-        self._expert_eng = None
+        self._expert_eng = None   # the hand-coded expert's engine, or the explorer's scratch engine
         self._plans = {}          # expert_plan's memo: (game, seed, commands) -> plan (see expert_plan)
         self.gamefile, self.seed, self.task_type = None, None, ""
         self.task, self.obs, self.steps, self.done, self.success = "", "", 0, False, False
         self._cmds, self._ops, self._adm = (), (), []
+        self._seen = frozenset()  # object and receptacle names the observations so far have shown (the explorer)
+        self._receptacles = {}    # game file -> every receptacle's name (the "go to" targets at reset)
 
     def _load(self, path):
         if path != self.gamefile:
@@ -464,12 +522,19 @@ class AlfWorld:
         self.seed = int(seed)
         self._load(self.games[self.seed % envs.SPLIT_SIZE % len(self.games)] if self.games else
                    generate_game(self.split, self.seed, self.cache_dir, expert_cap=self.expert_cap))
-        st = self._eng.reset()
+        st = self._reset_engine()
         self.obs, self._adm = st.feedback, st["admissible_commands"]
+        self._seen = frozenset(names(self.obs))
         m = re.search(r"Your task is to: (.*)", self.obs)
         self.task = m.group(1).strip().rstrip(".") if m else ""
         self.steps, self.done, self.success, self._cmds, self._ops = 0, False, False, (), ()
         return self.obs
+
+    def _reset_engine(self):
+        st = self._eng.reset()
+        self._receptacles.setdefault(self.gamefile, sorted(c[6:] for c in st["admissible_commands"]
+                                                           if c.startswith("go to ")))
+        return st
 
     def step(self, action):
         if self.gamefile is None:
@@ -484,6 +549,7 @@ class AlfWorld:
             self.success = bool(st["won"])
             self._cmds += (cmd,)
             self._ops += (self._eng.unwrapped._last_action.id,)
+            self._seen |= names(self.obs)
         else:
             self.obs = "Nothing happens."
         self.steps += 1
@@ -492,15 +558,17 @@ class AlfWorld:
 
     def get_state(self):
         return dict(split=self.split, seed=self.seed, gamefile=self.gamefile, task=self.task, cmds=list(self._cmds),
-                    ops=list(self._ops), obs=self.obs, steps=self.steps, done=self.done, success=self.success)
+                    ops=list(self._ops), obs=self.obs, steps=self.steps, done=self.done, success=self.success,
+                    seen=sorted(self._seen))
 
     def set_state(self, state):
         ops = tuple(state["ops"])
         if state["gamefile"] != self.gamefile or ops != self._ops:
             self._load(state["gamefile"])
-            self._eng.reset()
+            self._reset_engine()
             self._adm = _replay_ops(self._eng.unwrapped, ops)
         self.seed, self._cmds, self._ops = state["seed"], tuple(state["cmds"]), ops
+        self._seen = frozenset(state["seen"])
         self.obs, self.steps, self.done, self.success = state["obs"], state["steps"], state["done"], state["success"]
         self.task = state["task"]
 
@@ -521,16 +589,21 @@ class AlfWorld:
         watches the commands played so far (it tracks what it has seen), then acts until the goal holds.
         None if it fails within expert_cap further steps. The plan may be longer than the steps left.
         expert="planner": fast-downward's optimal plan from the current state (it knows where everything is).
-        Either is a function of (game, seed, commands played), so plans are memoised by that key: a ReSim tree
+        expert="explorer": the planner's plan, but only up to an object it has seen; to find one it goes to the
+        receptacles in a seeded order and opens the closed ones (explorer_plan).
+        Each is a function of (game, seed, commands played), so plans are memoised by that key: a ReSim tree
         asks at its root once per expert rollout and again at each leaf, the next real state's root (a
-        planner call is about 0.5 s, a hand-coded play 3 s)."""
+        planner call is about 0.5 s, a hand-coded play 3 s). An explorer plan is also kept for every state
+        along it: the real path mostly follows it, and its next state then needs no new play."""
         if self.success:
             return []
         key = (self.gamefile, self.seed, self._cmds)
         if key not in self._plans:
             if len(self._plans) >= PLAN_MEMO:
                 self._plans.clear()
-            self._plans[key] = self._expert_plan()
+            plan = self._plans[key] = self._expert_plan()
+            for i in range(1, len(plan or []) if self.expert == "explorer" else 0):
+                self._plans.setdefault((self.gamefile, self.seed, self._cmds + tuple(plan[:i])), plan[i:])
         plan = self._plans[key]
         return None if plan is None else list(plan)
 
@@ -538,6 +611,11 @@ class AlfWorld:
         if self.expert == "planner":
             pe = self._eng.unwrapped
             return pe._pddl_state.replan(pe._entity_infos) or None
+        if self.expert == "explorer":
+            if self._expert_eng is None:
+                self._expert_eng = _engine()
+            return explorer_plan(self._expert_eng, self.gamefile, self._ops, self._cmds, self._seen,
+                                 self._receptacles[self.gamefile], self.seed, self.expert_cap)
         if self._expert_eng is None:
             self._expert_eng = _engine(expert=True)
         return _expert_play(self._expert_eng, self.gamefile, self._cmds, hash((self.seed, len(self._cmds))),

@@ -374,3 +374,44 @@ def test_replay_scores_plans_in_a_branch_same_scores_without_a_reset_per_step(ca
     branched = evaluate.replay(A.make_env("train", **kw), ep, branch=A.make_env("train", **kw))[0]
     assert branched == restored and 0 < min(restored) < 1 == max(restored), restored
     assert n_restored >= len(turns) and len(resets) <= 3, (n_restored, len(resets))
+
+
+def test_explorer_takes_only_what_it_has_seen_and_searches_for_it(cache, monkeypatch):
+    """expert="explorer" solves every task type with plans that take (or use) only objects an earlier
+    observation showed, and it leaves receptacles that do not hold what it looks for; the planner goes
+    straight to the object and never does. Its plan is kept for the states along it (no second play)."""
+    plays, real_play = [], A.explorer_plan
+    monkeypatch.setattr(A, "explorer_plan", lambda *a: plays.append(1) or real_play(*a))
+    leaves = {}
+    for expert in ("planner", "explorer"):
+        e = A.make_env("train", cache_dir=cache, data="generated", expert=expert)
+        leaves[expert] = 0
+        for seed in TRAIN[:6]:
+            e.reset(seed)
+            plays[:] = []
+            plan, seen = e.expert_plan(), set(e._seen)
+            for i, a in enumerate(plan):
+                m = A.USES.match(a)
+                assert expert == "planner" or not m or m.group(1) in seen, (seed, a, plan)
+                if expert == "explorer" and i:
+                    assert e.expert_plan() == plan[i:]
+                obs, _, _, info = e.step(a)
+                assert info["action_is_valid"] and e._seen == seen | A.names(obs), (seed, a)
+                seen = set(e._seen)
+                leaves[expert] += a.startswith("go to ") and i + 1 < len(plan) and plan[i + 1].startswith("go to ")
+            assert e.success, (expert, seed, e.task_type, plan)
+            assert len(plays) == (expert == "explorer"), plays
+    assert leaves["planner"] == 0 and leaves["explorer"] >= 3, leaves
+
+
+def test_seen_names_follow_the_state(env):
+    env.reset(TRAIN[0])
+    root, first = env.get_state(), env._seen
+    for go in [c for c in env.valid_actions() if c.startswith("go to ")]:   # to one that shows an object
+        env.set_state(root)
+        obs = env.step(go)[0]
+        if A.names(obs) - first:
+            break
+    assert env._seen == first | A.names(obs) and env._seen != first, obs
+    env.set_state(root)
+    assert env._seen == first
