@@ -63,11 +63,16 @@ def costs(cache, n_games, n_steps):
         t, _ = timed(lambda: (env.set_state(snap), env.step(env.valid_actions()[0])), n=3)
         rows.append((f"set_state after {k} steps (ms)", f"{1e3 * t:.0f}", "replay operator ids from reset, +1 step"))
     rows.append(("get_state (us)", f"{1e6 * timed(env.get_state, 1000)[0]:.1f}", "dict of the command prefix"))
-    for expert in ("handcoded", "planner"):   # heavy-tailed: the planner's search grows with the problem
+    for expert in ("handcoded", "planner", "explorer"):   # heavy-tailed: the planner's search grows with the problem
         e = A.make_env("train", cache_dir=cache, data="generated", expert=expert)
-        ms = [1e3 * timed(lambda: (e.reset(s), e.expert_plan()))[0] for s in seeds]
+        ms, steps = [], []
+        for s in seeds:
+            t, (_, plan) = timed(lambda: (e.reset(s), e.expert_plan()))
+            ms.append(1e3 * t)
+            steps.append(len(plan or []))
         rows.append((f"expert_plan {expert} at reset (ms)", f"{np.median(ms):.0f}",
-                     f"median; max {max(ms):.0f} ms over {n_games} games (incl. a ~150 ms reset)"))
+                     f"median; max {max(ms):.0f} ms over {n_games} games (incl. a ~150 ms reset); "
+                     f"plans of {np.mean(steps):.1f} steps"))
     return rows
 
 
