@@ -310,6 +310,7 @@ def _expert_play(eng, gamefile, played, seed, cap):
 
 
 NAME = re.compile(r"\b([a-z]+ \d+)\b")
+LOOKED = re.compile(r"(?:On the|The) ([a-z]+ \d+)(?:, you see| is open\. In it, you see)", re.I)
 USES = re.compile(r"^(?:take|use) ([a-z]+ \d+)")
 
 
@@ -318,51 +319,64 @@ def names(text):
     return set(NAME.findall(text.lower()))
 
 
-def explorer_plan(eng, gamefile, ops, cmds, seen, receptacles, seed, cap):
-    """A searching expert, played out in the scratch engine `eng` from the state `ops` reached: fast-downward's
-    optimal plan is followed up to the first object it takes or uses (a lamp), and only if that object is one
-    the observations have shown; then it plans again. Until it has, the expert goes to the receptacles it has
-    not been to, in an order seeded by the episode, and opens the closed ones, until an object of the type it
-    needs shows up (or every receptacle has been seen). The planner alone goes straight to an object it
-    cannot have seen: its traces never leave a receptacle for holding the wrong thing (RESULTS.md, ALFWorld).
-    Returns the commands until the goal holds; None past `cap` commands or if the planner finds no plan."""
-    if getattr(eng, "gamefile", None) != gamefile:
-        eng.load(gamefile)
-        eng.gamefile = gamefile
+def looked_into(text):
+    """The receptacles whose contents an observation lists ("On the desk 1, you see ...", "The drawer 2 is
+    open. In it, you see ..."); a closed one ("The drawer 2 is closed.") is not looked into."""
+    return {r.lower() for r in LOOKED.findall(text)}
+
+
+def explorer_plan(eng, state, receptacles, cap):
+    """A searching expert, played out in the scratch engine `eng` from `state` (AlfWorld.get_state):
+    fast-downward's optimal plan is followed up to the first object it takes or uses (a lamp), and only if
+    that object is one the observations have shown; then it plans again. Until it has, the expert goes to the
+    receptacles it has not looked into, in an order seeded by the episode, opening the closed ones, until an
+    object of the kind it needs shows up (or it has looked everywhere). It depends on the state alone, and the
+    plan from a state along a plan is that plan's rest but for ties among optimal plans (AlfWorld.expert_plan
+    keeps them). The planner alone
+    goes straight to an object it cannot have seen: its traces never leave a receptacle for holding the wrong
+    thing (RESULTS.md, ALFWorld). Returns the commands until the goal holds; None past `cap` commands or if
+    the planner finds no plan."""
+    if getattr(eng, "gamefile", None) != state["gamefile"]:
+        eng.load(state["gamefile"])
+        eng.gamefile = state["gamefile"]
     eng.reset()
-    _replay_ops(eng.unwrapped, ops)
-    pe, seen, plan, won = eng.unwrapped, set(seen), [], False
-    been = {c[6:] for c in cmds if c.startswith("go to ")}
-    order = [receptacles[i] for i in np.random.default_rng(seed).permutation(len(receptacles))]
+    _replay_ops(eng.unwrapped, state["ops"])
+    pe, plan, won, tried = eng.unwrapped, [], False, set()
+    seen, looked, last = set(state["seen"]), set(state["looked"]), state["obs"]
+    here = next((c[6:] for c in reversed(state["cmds"]) if c.startswith("go to ")), None)
+    order = [receptacles[i] for i in np.random.default_rng(state["seed"]).permutation(len(receptacles))]
 
     def play(cmd):
-        nonlocal won
+        nonlocal won, last, here
         st, _, _ = eng.step(cmd)
         plan.append(cmd)
-        if cmd.startswith("go to "):
-            been.add(cmd[6:])
-        seen.update(names(st.feedback))
-        won = bool(st["won"])
-        return st.feedback
+        here, last, won = cmd[6:] if cmd.startswith("go to ") else here, st.feedback, bool(st["won"])
+        seen.update(names(last))
+        looked.update(looked_into(last))
 
-    while not won and len(plan) <= cap:
+    while not won:
+        if len(plan) > cap:
+            return None
         steps = pe._pddl_state.replan(pe._entity_infos)
         if not steps:
             return None
         use = next((i for i, c in enumerate(steps) if USES.match(c)), None)
         wanted = USES.match(steps[use]).group(1) if use is not None else None
-        left = [r for r in order if r not in been]
+        left = [r for r in order if r not in looked and r not in tried]
         if wanted is None or wanted in seen or not left:
             for c in steps[:None if use is None else use + 1]:
                 play(c)
             continue
         kind = wanted.rsplit(" ", 1)[0]
         for r in left:       # until an object of the wanted kind shows up
-            if "is closed" in play(f"go to {r}"):
+            tried.add(r)
+            if r != here:
+                play(f"go to {r}")
+            if r not in looked and "is closed" in last:
                 play(f"open {r}")
-            if any(n.rsplit(" ", 1)[0] == kind for n in seen):
+            if any(n.rsplit(" ", 1)[0] == kind for n in seen) or len(plan) > cap:
                 break
-    return plan if won and len(plan) <= cap else None
+    return plan
 
 
 # ----------------------------------------------------------------------------- official games
@@ -508,7 +522,8 @@ class AlfWorld:
         self.gamefile, self.seed, self.task_type = None, None, ""
         self.task, self.obs, self.steps, self.done, self.success = "", "", 0, False, False
         self._cmds, self._ops, self._adm = (), (), []
-        self._seen = frozenset()  # object and receptacle names the observations so far have shown (the explorer)
+        self._seen = frozenset()    # object and receptacle names the observations so far have shown (the explorer)
+        self._looked = frozenset()  # receptacles whose contents they have listed
         self._receptacles = {}    # game file -> every receptacle's name (the "go to" targets at reset)
 
     def _load(self, path):
@@ -524,7 +539,7 @@ class AlfWorld:
                    generate_game(self.split, self.seed, self.cache_dir, expert_cap=self.expert_cap))
         st = self._reset_engine()
         self.obs, self._adm = st.feedback, st["admissible_commands"]
-        self._seen = frozenset(names(self.obs))
+        self._seen, self._looked = frozenset(names(self.obs)), frozenset(looked_into(self.obs))
         m = re.search(r"Your task is to: (.*)", self.obs)
         self.task = m.group(1).strip().rstrip(".") if m else ""
         self.steps, self.done, self.success, self._cmds, self._ops = 0, False, False, (), ()
@@ -549,7 +564,7 @@ class AlfWorld:
             self.success = bool(st["won"])
             self._cmds += (cmd,)
             self._ops += (self._eng.unwrapped._last_action.id,)
-            self._seen |= names(self.obs)
+            self._seen, self._looked = self._seen | names(self.obs), self._looked | looked_into(self.obs)
         else:
             self.obs = "Nothing happens."
         self.steps += 1
@@ -559,7 +574,7 @@ class AlfWorld:
     def get_state(self):
         return dict(split=self.split, seed=self.seed, gamefile=self.gamefile, task=self.task, cmds=list(self._cmds),
                     ops=list(self._ops), obs=self.obs, steps=self.steps, done=self.done, success=self.success,
-                    seen=sorted(self._seen))
+                    seen=sorted(self._seen), looked=sorted(self._looked))
 
     def set_state(self, state):
         ops = tuple(state["ops"])
@@ -568,7 +583,7 @@ class AlfWorld:
             self._reset_engine()
             self._adm = _replay_ops(self._eng.unwrapped, ops)
         self.seed, self._cmds, self._ops = state["seed"], tuple(state["cmds"]), ops
-        self._seen = frozenset(state["seen"])
+        self._seen, self._looked = frozenset(state["seen"]), frozenset(state["looked"])
         self.obs, self.steps, self.done, self.success = state["obs"], state["steps"], state["done"], state["success"]
         self.task = state["task"]
 
@@ -614,8 +629,8 @@ class AlfWorld:
         if self.expert == "explorer":
             if self._expert_eng is None:
                 self._expert_eng = _engine()
-            return explorer_plan(self._expert_eng, self.gamefile, self._ops, self._cmds, self._seen,
-                                 self._receptacles[self.gamefile], self.seed, self.expert_cap)
+            return explorer_plan(self._expert_eng, self.get_state(), self._receptacles[self.gamefile],
+                                 self.expert_cap)
         if self._expert_eng is None:
             self._expert_eng = _engine(expert=True)
         return _expert_play(self._expert_eng, self.gamefile, self._cmds, hash((self.seed, len(self._cmds))),
@@ -628,8 +643,9 @@ class AlfWorld:
 
 def make_env(split, **options):
     """An ALFWorld env of `split`; options: max_steps, cache_dir, data (auto | generated | official), expert
-    (handcoded | planner), expert_cap, future_items (k > 0: a future state in traces, refinement prompts and the
-    simulation score lists at most k of what a receptacle holds, envs.cut_lists; 0: the whole observation)."""
+    (handcoded | planner | explorer), expert_cap, future_items (k > 0: a future state in traces, refinement
+    prompts and the simulation score lists at most k of what a receptacle holds, envs.cut_lists; 0: the whole
+    observation)."""
     envs.check_split(split)
     envs.check_options("alfworld", options, OPTIONS)
     return AlfWorld(split=split, **options)

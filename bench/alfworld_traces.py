@@ -4,7 +4,8 @@ taking, and does it ever take an object the task does not name? Reads the run's 
     takes              `take` actions on the real path; "named": the object's type is a word of the task
     first-stop takes   episodes whose first `take` is at the first receptacle they went to
     leaves             the path arrived at a receptacle (go to / open) and the trace chose another `go to` there
-    detours            real steps whose action is not the trace's choice (resim.detour)
+    detours            real steps whose action is not the trace's choice (resim.detour; resim.hide_best too). The
+                       last step's executed action is not in the records: it counts as the choice
 
     python bench/alfworld_traces.py runs/resim25d_alfworld_smollm2 [runs/other ...]
 """

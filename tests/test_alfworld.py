@@ -329,11 +329,11 @@ def test_fixes_stay_in_this_module(env):
     assert fast_downward.pddl2sas is pddl2sas and logic.fast_downward.pddl2sas is pddl2sas
 
 
-def test_trace_stats_count_detours_leaves_and_first_stop_takes(tmp_path):
+def test_trace_stats_count_detours_leaves_and_first_stop_takes(tmp_path, monkeypatch):
     """bench/alfworld_traces.py reads what the traces teach about searching from the records alone: here one
     detour (the real env went to cabinet 1; the trace chose drawer 1), one leave (at cabinet 1 the trace goes on),
     and a take of the task's object at the second receptacle gone to (not a first-stop take)."""
-    sys.path.insert(0, os.path.join(REPO, "bench"))
+    monkeypatch.syspath_prepend(os.path.join(REPO, "bench"))
     import alfworld_traces as T
     prompt = "...\nYour task is to: put some ladle on sinkbasin.\n..."
     done = ["go to cabinet 1", "go to drawer 1", "take ladle 1 from drawer 1", "go to sinkbasin 1"]
@@ -382,29 +382,36 @@ def test_explorer_takes_only_what_it_has_seen_and_searches_for_it(cache, monkeyp
     straight to the object and never does. Its plan is kept for the states along it (no second play)."""
     plays, real_play = [], A.explorer_plan
     monkeypatch.setattr(A, "explorer_plan", lambda *a: plays.append(1) or real_play(*a))
-    leaves = {}
+    leaves, opens = {}, 0
     for expert in ("planner", "explorer"):
         e = A.make_env("train", cache_dir=cache, data="generated", expert=expert)
         leaves[expert] = 0
         for seed in TRAIN[:6]:
             e.reset(seed)
-            plays[:] = []
+            plays[:], fresh = [], 0
             plan, seen = e.expert_plan(), set(e._seen)
             for i, a in enumerate(plan):
                 m = A.USES.match(a)
                 assert expert == "planner" or not m or m.group(1) in seen, (seed, a, plan)
                 if expert == "explorer" and i:
                     assert e.expert_plan() == plan[i:]
+                if expert == "explorer" and a.startswith("open ") and plan[i - 1] == "go to " + a[5:]:
+                    # standing at a closed receptacle it went to: a fresh play opens it too, as the kept plan does
+                    assert A.AlfWorld._expert_plan(e)[0] == a, (seed, plan[:i + 1])
+                    opens, fresh = opens + 1, fresh + 1
                 obs, _, _, info = e.step(a)
                 assert info["action_is_valid"] and e._seen == seen | A.names(obs), (seed, a)
                 seen = set(e._seen)
                 leaves[expert] += a.startswith("go to ") and i + 1 < len(plan) and plan[i + 1].startswith("go to ")
             assert e.success, (expert, seed, e.task_type, plan)
-            assert len(plays) == (expert == "explorer"), plays
-    assert leaves["planner"] == 0 and leaves["explorer"] >= 3, leaves
+            assert len(plays) == (expert == "explorer") + fresh, plays     # no play but the first and ours
+    assert leaves["planner"] == 0 and leaves["explorer"] >= 3 and opens >= 1, (leaves, opens)
 
 
 def test_seen_names_follow_the_state(env):
+    assert A.looked_into("You arrive at drawer 2. The drawer 2 is open. In it, you see a pen 1.") == {"drawer 2"}
+    assert A.looked_into("You arrive at desk 1. On the desk 1, you see nothing.") == {"desk 1"}
+    assert A.looked_into("You arrive at drawer 2. The drawer 2 is closed.") == set()
     env.reset(TRAIN[0])
     root, first = env.get_state(), env._seen
     for go in [c for c in env.valid_actions() if c.startswith("go to ")]:   # to one that shows an object
@@ -413,5 +420,6 @@ def test_seen_names_follow_the_state(env):
         if A.names(obs) - first:
             break
     assert env._seen == first | A.names(obs) and env._seen != first, obs
+    assert env._looked == A.looked_into(obs) and env._looked, obs
     env.set_state(root)
-    assert env._seen == first
+    assert env._seen == first and env._looked == frozenset()
