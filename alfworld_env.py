@@ -52,7 +52,7 @@ GEN_VERSION = 2   # bump when generated games change: cached games of another ve
 OOD_SCENES = (10, 219, 308, 424)   # valid_unseen's scenes (ALFRED's unseen rooms), one per room type
 OFFICIAL_DIRS = {"train": "train", "id": "valid_seen", "ood": "valid_unseen"}
 PLAN_MEMO = 4096                  # expert plans remembered per env (cleared when full)
-OPTIONS = ("max_steps", "cache_dir", "data", "expert", "expert_cap", "future_items")
+OPTIONS = ("max_steps", "cache_dir", "data", "expert", "expert_cap", "future_items", "inventory")
 GEN_STATS = Counter()   # generated / rejected games of this process (the retry counter)
 
 # Receptacle types -openable.json leaves out get one each, stoves four burners, placed next to what they stand
@@ -484,6 +484,14 @@ def _engine(expert=False):
     return _Expert(env, expert_type="handcoded") if expert else env
 
 
+def carrying(pe):
+    """What ALFWorld's own `inventory` command would answer, read from the real state (its `holds` facts) without
+    playing the command. The observation never says what the agent holds: the command (a step) or the history
+    has to."""
+    held = [pe._entity_infos[f.arguments[1].name].name for f in pe._pddl_state.facts if f.name == "holds"]
+    return f"You are carrying: {', '.join('a ' + h for h in held)}." if held else "You are not carrying anything."
+
+
 def _replay_ops(pe, ops):
     """Re-apply fast-downward operator ids to a freshly reset PddlEnv, deriving the admissible command texts
     (the costly part of an engine step) only once at the end. Operator ids are stable: same SAS, same ids."""
@@ -502,7 +510,7 @@ class AlfWorld:
     name, rules = "alfworld", RULES
 
     def __init__(self, split="train", max_steps=50, cache_dir=None, data="auto", expert="handcoded",
-                 expert_cap=50, future_items=0):
+                 expert_cap=50, future_items=0, inventory=False):
         envs.check_split(split)
         for opt, val, ok in (("data", data, ("auto", "generated", "official")),
                              ("expert", expert, ("handcoded", "planner", "explorer"))):
@@ -511,6 +519,9 @@ class AlfWorld:
         self.split, self.max_steps, self.cache_dir = split, int(max_steps), cache_dir
         self.expert, self.expert_cap = expert, expert_cap
         self.future_items = envs.check_future_lines(future_items, "future_items")   # envs.future_text
+        if not isinstance(inventory, bool):
+            raise ValueError(f"alfworld option inventory must be true or false, got {inventory!r}")
+        self.inventory = inventory  # each observation ends with what the agent holds (carrying)
         self.games = official_games(split) if data != "generated" else []
         if data == "official" and not self.games:
             raise ValueError(f"data='official' but no official {OFFICIAL_DIRS[split]} games under "
@@ -538,9 +549,9 @@ class AlfWorld:
         self._load(self.games[self.seed % envs.SPLIT_SIZE % len(self.games)] if self.games else
                    generate_game(self.split, self.seed, self.cache_dir, expert_cap=self.expert_cap))
         st = self._reset_engine()
-        self.obs, self._adm = st.feedback, st["admissible_commands"]
-        self._seen, self._looked = frozenset(names(self.obs)), frozenset(looked_into(self.obs))
-        m = re.search(r"Your task is to: (.*)", self.obs)
+        self.obs, self._adm = self._observe(st.feedback), st["admissible_commands"]
+        self._seen, self._looked = frozenset(names(st.feedback)), frozenset(looked_into(st.feedback))
+        m = re.search(r"Your task is to: (.*)", st.feedback)
         self.task = m.group(1).strip().rstrip(".") if m else ""
         self.steps, self.done, self.success, self._cmds, self._ops = 0, False, False, (), ()
         return self.obs
@@ -560,16 +571,21 @@ class AlfWorld:
         reward = 0.0
         if cmd is not None:
             st, reward, _ = self._eng.step(cmd)
-            self.obs, self._adm = st.feedback, st["admissible_commands"]
+            self.obs, self._adm = self._observe(st.feedback), st["admissible_commands"]
             self.success = bool(st["won"])
             self._cmds += (cmd,)
             self._ops += (self._eng.unwrapped._last_action.id,)
-            self._seen, self._looked = self._seen | names(self.obs), self._looked | looked_into(self.obs)
+            self._seen, self._looked = self._seen | names(st.feedback), self._looked | looked_into(st.feedback)
         else:
-            self.obs = "Nothing happens."
+            self.obs = self._observe("Nothing happens.")
         self.steps += 1
         self.done = self.success or self.steps >= self.max_steps
         return self.obs, float(reward), self.done, {"success": self.success, "action_is_valid": cmd is not None}
+
+    def _observe(self, feedback):
+        """The engine's feedback, and with the inventory option what the agent holds on a line of its own (so a
+        prompt whose history no longer shows the `take` still says it; RESULTS.md, The text environments)."""
+        return f"{feedback.rstrip()}\n{carrying(self._eng.unwrapped)}" if self.inventory else feedback
 
     def get_state(self):
         return dict(split=self.split, seed=self.seed, gamefile=self.gamefile, task=self.task, cmds=list(self._cmds),
@@ -645,7 +661,8 @@ def make_env(split, **options):
     """An ALFWorld env of `split`; options: max_steps, cache_dir, data (auto | generated | official), expert
     (handcoded | planner | explorer), expert_cap, future_items (k > 0: a future state in traces, refinement
     prompts and the simulation score lists at most k of what a receptacle holds, envs.cut_lists; 0: the whole
-    observation)."""
+    observation), inventory (true: each observation ends with what the agent holds, as ALFWorld's `inventory`
+    command words it; false, ALFWorld's and the paper's: it does not)."""
     envs.check_split(split)
     envs.check_options("alfworld", options, OPTIONS)
     return AlfWorld(split=split, **options)

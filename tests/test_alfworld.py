@@ -423,3 +423,30 @@ def test_seen_names_follow_the_state(env):
     assert env._looked == A.looked_into(obs) and env._looked, obs
     env.set_state(root)
     assert env._seen == first and env._looked == frozenset()
+
+
+def test_inventory_line_is_what_alfworlds_own_inventory_command_says(cache):
+    """inventory=True: every observation ends with what the real `inventory` command answers in that state (the
+    run that lost its object two steps after taking it: RESULTS.md); the default keeps ALFWorld's text."""
+    kw = dict(cache_dir=cache, data="generated", expert="planner")
+    e, plain, probe = (A.make_env("train", **kw, inventory=True), A.make_env("train", **kw),
+                       A.make_env("train", **kw, inventory=True))
+    obs, raw = e.reset(TRAIN[0]), plain.reset(TRAIN[0])
+    assert obs == raw + "\nYou are not carrying anything." and e.task == plain.task
+
+    def inventory_says(env):   # the real command, played in a copy of the state, then taken back
+        probe.set_state(env.get_state())
+        return probe._eng.step("inventory")[0].feedback.strip()
+
+    carried = []
+    for a in ["not a command"] + e.expert_plan():
+        obs, raw = e.step(a)[0], plain.step(a)[0]
+        assert obs == raw.rstrip() + "\n" + inventory_says(e), (a, obs)
+        carried.append(obs.splitlines()[-1])
+    assert any(c.startswith("You are carrying: a ") for c in carried) and e.success
+    snap = e.get_state()
+    e.reset(TRAIN[1])
+    e.set_state(snap)
+    assert e.render() == obs
+    with pytest.raises(ValueError, match="inventory"):
+        A.make_env("train", inventory="yes")
