@@ -489,7 +489,7 @@ def carrying(pe):
     playing the command. The observation never says what the agent holds: the command (a step) or the history
     has to."""
     held = [pe._entity_infos[f.arguments[1].name].name for f in pe._pddl_state.facts if f.name == "holds"]
-    return f"You are carrying: {', '.join('a ' + h for h in held)}." if held else "You are not carrying anything."
+    return f"You are carrying: a {held[0]}." if held else "You are not carrying anything."   # a take needs empty hands
 
 
 def _replay_ops(pe, ops):
