@@ -8,6 +8,13 @@ taking, and does it ever take an object the task does not name? Reads the run's 
                        last step's executed action is not in the records: it counts as the choice
 
     python bench/alfworld_traces.py runs/resim25d_alfworld_smollm2 [runs/other ...]
+
+With --evals, what a trained agent did in evaluated games (evaluate.py --out's per_episode rows), summed over the
+files: games that take anything, that take an object the task names, and of those the games that write a
+move / put / heat / cool / clean / use command after that take (the agent that took its object and then
+shuttled between two receptacles wrote none: RESULTS.md).
+
+    python bench/alfworld_traces.py --evals runs/X/eval_id_0.json runs/X/eval_id_12.json
 """
 import argparse
 import json
@@ -60,10 +67,30 @@ def stats(eps):
                 first_stop_takes=first_stop, leaves=leaves, leaves_per_episode=leaves / max(1, n))
 
 
+AFTER_TAKE = ("move ", "put ", "heat ", "cool ", "clean ", "use ")
+
+
+def played(rows):
+    """Counts over evaluated games (per_episode rows: task, success, actions)."""
+    out = dict(games=len(rows), success=0, took=0, took_named=0, acted_after_named=0)
+    for r in rows:
+        words, acts = set(r["task"].lower().split()), [str(a) for a in r["actions"]]
+        named = [i for i, a in enumerate(acts) if (m := TAKE.match(a)) and m.group(1) in words]
+        out["success"] += bool(r["success"])
+        out["took"] += any(TAKE.match(a) for a in acts)
+        out["took_named"] += bool(named)
+        out["acted_after_named"] += bool(named) and any(a.startswith(AFTER_TAKE) for a in acts[named[0] + 1:])
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("runs", nargs="+", help="run directories holding traces.jsonl")
+    ap.add_argument("runs", nargs="*", help="run directories holding traces.jsonl")
+    ap.add_argument("--evals", nargs="+", default=[], help="evaluate.py --out files of ALFWorld games")
     args = ap.parse_args()
+    if args.evals:
+        rows = [r for f in args.evals for r in json.load(open(f))["per_episode"]]
+        print(" + ".join(args.evals), json.dumps(played(rows)))
     for run in args.runs:
         print(run, json.dumps(stats(episodes(f"{run.rstrip('/')}/traces.jsonl"))))
 

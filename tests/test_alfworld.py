@@ -348,6 +348,22 @@ def test_trace_stats_count_detours_leaves_and_first_stop_takes(tmp_path, monkeyp
                      leaves_per_episode=1.0), s
 
 
+def test_played_counts_games_that_take_the_tasks_object_and_then_use_it(monkeypatch):
+    """bench/alfworld_traces.py --evals: of evaluated games, which took anything, which took the task's object, and
+    which then wrote a command that puts, heats, cools, cleans or uses (the shuttling agent wrote none)."""
+    monkeypatch.syspath_prepend(os.path.join(REPO, "bench"))
+    import alfworld_traces as T
+    task = "put a cool mug in sinkbasin"
+    rows = [dict(task=task, success=False, actions=["go to cabinet 1", "take mug 1 from cabinet 1", "go to cabinet 1",
+                                                     "go to microwave 1", "go to cabinet 1"]),     # took it, shuttled
+            dict(task=task, success=True, actions=["take mug 1 from cabinet 1", "cool mug 1 with fridge 1",
+                                                    "move mug 1 to sinkbasin 1"]),
+            dict(task=task, success=False, actions=["move spoon 1 to sinkbasin 1", "take spoon 1 from drawer 1",
+                                                     "take mug 2 from shelf 1", None]),            # used before
+            dict(task=task, success=False, actions=["go to shelf 1"])]
+    assert T.played(rows) == dict(games=4, success=1, took=3, took_named=3, acted_after_named=1)
+
+
 def test_replay_scores_plans_in_a_branch_same_scores_without_a_reset_per_step(cache, monkeypatch):
     """evaluate scores an ALFWorld episode's plans in a second env: the same simulation scores as restoring the
     played env after every plan, without replaying the game from reset at every step (a restore did)."""
