@@ -312,6 +312,16 @@ def _expert_play(eng, gamefile, played, seed, cap):
 NAME = re.compile(r"\b([a-z]+ \d+)\b")
 LOOKED = re.compile(r"(?:On the|The) ([a-z]+ \d+)(?:, you see| is open\. In it, you see)", re.I)
 USES = re.compile(r"^(?:take|use) ([a-z]+ \d+)")
+HOLDS = {r.lower(): {o.lower() for o in objs} for r, objs in C.VAL_RECEPTACLE_OBJECTS.items()}
+HOLDS_LAMP = {r.lower() for r in LAMP_HOSTS}
+
+
+def may_hold(receptacle, kind):
+    """Whether ALFRED puts an object of `kind` ("apple") in a receptacle like "fridge 1" (VAL_RECEPTACLE_OBJECTS;
+    lamps stand on LAMP_HOSTS): where a person who knows kitchens would look, and where the generated games
+    place objects."""
+    rtype = receptacle.rsplit(" ", 1)[0]
+    return kind in HOLDS.get(rtype, ()) or ("lamp" in kind and rtype in HOLDS_LAMP)
 
 
 def names(text):
@@ -329,8 +339,9 @@ def explorer_plan(eng, state, receptacles, cap):
     """A searching expert, played out in the scratch engine `eng` from `state` (AlfWorld.get_state):
     fast-downward's optimal plan is followed up to the first object it takes or uses (a lamp), and only if
     that object is one the observations have shown; then it plans again. Until it has, the expert goes to the
-    receptacles it has not looked into, in an order seeded by the episode, opening the closed ones, until an
-    object of the kind it needs shows up (or it has looked everywhere). It depends on the state alone, and the
+    receptacles it has not looked into and where such an object may be (`may_hold`: a 53-receptacle kitchen
+    has 9 places for an apple, and looking into all 53 runs past `cap`), in an order seeded by the episode,
+    opening the closed ones, until an object of the kind it needs shows up (or it has looked everywhere). It depends on the state alone, and the
     plan from a state along a plan is that plan's rest but for ties among optimal plans (AlfWorld.expert_plan
     keeps them). The planner alone
     goes straight to an object it cannot have seen: its traces never leave a receptacle for holding the wrong
@@ -362,12 +373,12 @@ def explorer_plan(eng, state, receptacles, cap):
             return None
         use = next((i for i, c in enumerate(steps) if USES.match(c)), None)
         wanted = USES.match(steps[use]).group(1) if use is not None else None
-        left = [r for r in order if r not in looked and r not in tried]
+        kind = wanted and wanted.rsplit(" ", 1)[0]
+        left = [r for r in order if r not in looked and r not in tried and may_hold(r, kind or "")]
         if wanted is None or wanted in seen or not left:
             for c in steps[:None if use is None else use + 1]:
                 play(c)
             continue
-        kind = wanted.rsplit(" ", 1)[0]
         for r in left:       # until an object of the wanted kind shows up
             tried.add(r)
             if r != here:

@@ -128,8 +128,8 @@ def resim_episode(env, seed, *, b, d, b_train, plan_order, act, value, aggregate
         if value_scale == "relative":
             tree = search_tree.relative_to_root(tree, value(env), gamma)
         tree = search_tree.best_first(tree)
-        if not tree:
-            break
+        if not tree or (tree[0].value <= 0 and value(env) <= 0):
+            break   # no rollout and no expert plan leads on (a deadlock, the expert's cap): a failed episode
         hide = bool(hide_best) and len(tree) > 2 and rng.random() < hide_best   # no draw when off: same traces
         first, pool = (tree[1], tree[2:]) if hide else (tree[0], tree[1:])
         others = [pool[i] for i in sorted(rng.permutation(len(pool))[:b_train - 1])]

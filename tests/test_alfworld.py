@@ -406,6 +406,11 @@ def test_explorer_takes_only_what_it_has_seen_and_searches_for_it(cache, monkeyp
             e.reset(seed)
             plays[:], fresh = [], 0
             plan, seen = e.expert_plan(), set(e._seen)
+            first = next(i for i, a in enumerate(plan) if A.USES.match(a))
+            kind = A.USES.match(plan[first]).group(1).rsplit(" ", 1)[0]
+            looked = [a[6:] for i, a in enumerate(plan[:first]) if a.startswith("go to ") and
+                      plan[i + 1].startswith("go to ")]           # left again: looked for the object there
+            assert all(A.may_hold(r, kind) for r in looked), (seed, kind, plan)
             for i, a in enumerate(plan):
                 m = A.USES.match(a)
                 assert expert == "planner" or not m or m.group(1) in seen, (seed, a, plan)
@@ -421,7 +426,24 @@ def test_explorer_takes_only_what_it_has_seen_and_searches_for_it(cache, monkeyp
                 leaves[expert] += a.startswith("go to ") and i + 1 < len(plan) and plan[i + 1].startswith("go to ")
             assert e.success, (expert, seed, e.task_type, plan)
             assert len(plays) == (expert == "explorer") + fresh, plays     # no play but the first and ours
-    assert leaves["planner"] == 0 and leaves["explorer"] >= 3 and opens >= 1, (leaves, opens)
+    assert leaves["planner"] == 0 and leaves["explorer"] >= 2 and opens >= 1, (leaves, opens)   # 3 before may_hold
+
+
+def test_the_explorer_looks_only_where_alfred_puts_the_object(cache):
+    """may_hold reads alfworld's VAL_RECEPTACLE_OBJECTS (and the lamp hosts). In a 53-receptacle kitchen ("heat some
+    apple": 9 places an apple may be) the explorer once looked into every receptacle, ran past its cap of 50
+    commands and returned None, 67 s a call, and its ReSim episode searched every step to the step cap."""
+    assert A.may_hold("fridge 1", "apple") and A.may_hold("countertop 2", "apple")
+    assert not A.may_hold("drawer 3", "apple") and not A.may_hold("fridge 1", "desklamp")
+    assert A.may_hold("desk 1", "desklamp") and A.may_hold("sidetable 2", "keychain")
+    e = A.make_env("train", cache_dir=cache, data="generated", expert="explorer")
+    e.reset(105)
+    assert len(e._receptacles[e.gamefile]) == 53 and e.task_type == "pick_heat_then_place_in_recep"
+    plan = e.expert_plan()
+    assert plan is not None and len(plan) <= e.expert_cap, plan
+    take = next(i for i, a in enumerate(plan) if A.USES.match(a))
+    assert plan[take].startswith("take apple") and all(
+        A.may_hold(a[6:], "apple") for a in plan[:take] if a.startswith("go to ")), plan
 
 
 def test_seen_names_follow_the_state(env):
