@@ -121,14 +121,15 @@ def resim_episode(env, seed, *, b, d, b_train, plan_order, act, value, aggregate
     action is also the state's usual move, so a model can write the action from the state alone and ignore its
     own "Best:" line; these traces are where only the simulation gives the action (RESULTS.md, Stage 1).
     value_scale "relative" writes each value against the root's (search_tree.relative_to_root); distinct: draw
-    rollouts past b until that many differ (search_tree.expand)."""
+    rollouts past b until that many differ (search_tree.expand). The episode ends, lost, at a state where no leaf
+    is valued above 0 and the expert has no plan (a deadlock; an expert past its cap; a device with no oracle)."""
     obs, history, records = env.reset(seed), [], []
     while not env.done:
         tree = search_tree.expand(env, b=b, d=d, act=act, value=value, rng=rng, distinct=distinct)
         if value_scale == "relative":
             tree = search_tree.relative_to_root(tree, value(env), gamma)
         tree = search_tree.best_first(tree)
-        if not tree or (tree[0].value <= 0 and value(env) <= 0):
+        if not tree or (tree[0].value <= 0 and env.expert_plan() is None):
             break   # no rollout and no expert plan leads on (a deadlock, the expert's cap): a failed episode
         hide = bool(hide_best) and len(tree) > 2 and rng.random() < hide_best   # no draw when off: same traces
         first, pool = (tree[1], tree[2:]) if hide else (tree[0], tree[1:])
@@ -156,22 +157,31 @@ def resim_episode(env, seed, *, b, d, b_train, plan_order, act, value, aggregate
 def collect(env_name, env_kwargs, seeds, *, act, value, aggregate, tokenizer, b=4, d=1, b_train=2,
             plan_order="shuffled", refine_frac=0.0, refine_keep=0.5, detour=0.0, hide_best=0.0,
             value_scale="absolute", gamma=0.9, distinct=1, history_k=0, system=True, seed=0, progress=True,
-            split="train"):
+            split="train", done=None, on_episode=None):
     """ReSim data for many episodes of a split (train; a held-out one only to probe a model, as
-    bench/probe_traces.py does); keeps the successful ones. Returns (records, stats)."""
+    bench/probe_traces.py does); keeps the successful ones. Returns (records, stats). `done` maps a seed to the
+    (records, success) of an episode searched before (a killed run's, train.searched); `on_episode(seed, records,
+    success)` is told of each new one."""
     env = envs.make_env(env_name, split, **env_kwargs)
+    done = done or {}
     records, solved, t0 = [], 0, time.time()
     for s in tqdm(seeds, desc="ReSim trees", disable=not progress):
-        rng = np.random.default_rng([seed, s])   # per episode: the same trees however seeds are sharded
-        recs, ok = resim_episode(env, s, b=b, d=d, b_train=b_train, plan_order=plan_order, act=act, value=value,
-                                 aggregate=aggregate, rng=rng, tokenizer=tokenizer, history_k=history_k,
-                                 system=system, refine_frac=refine_frac, refine_keep=refine_keep, detour=detour,
-                                 hide_best=hide_best, value_scale=value_scale, gamma=gamma, distinct=distinct,
-                                 env_kwargs=env_kwargs)
+        if s in done:
+            recs, ok = done[s]
+        else:
+            rng = np.random.default_rng([seed, s])   # per episode: the same trees however seeds are sharded
+            recs, ok = resim_episode(env, s, b=b, d=d, b_train=b_train, plan_order=plan_order, act=act,
+                                     value=value, aggregate=aggregate, rng=rng, tokenizer=tokenizer,
+                                     history_k=history_k, system=system, refine_frac=refine_frac,
+                                     refine_keep=refine_keep, detour=detour, hide_best=hide_best,
+                                     value_scale=value_scale, gamma=gamma, distinct=distinct, env_kwargs=env_kwargs)
+            if on_episode:
+                on_episode(s, recs, ok)
         solved += ok
         records += recs if ok else []
     stats = dict(episodes=len(seeds), solved=solved, steps=sum(r.kind == "resim" for r in records),
-                 refine_examples=sum(r.kind == "refine" for r in records), seconds=time.time() - t0)
+                 refine_examples=sum(r.kind == "refine" for r in records), seconds=time.time() - t0,
+                 resumed=sum(s in done for s in seeds))
     return records, stats
 
 

@@ -20,7 +20,9 @@ Both stages train grpo.Sample's with grpo.policy_loss: SFT is the RL loss with A
 import argparse
 import contextlib
 import copy
+import dataclasses
 import gc
+import hashlib
 import json
 import math
 import os
@@ -312,14 +314,20 @@ def collect_stats(stats, world):
     return {k: allsum(v, world, "max" if k == "seconds" else "sum") for k, v in stats.items()}
 
 
+def search_key(cfg, *free):
+    """What a ReSim search's records depend on; `free`: resim keys left out besides those that only act after it."""
+    skip = ("action_only", "reuse_traces") + free
+    return json.dumps([agent.PROMPT_FORMAT, cfg["env"], cfg["env_kwargs"], cfg["model"], cfg["history_k"],
+                       cfg["system"], cfg["seed"], {k: v for k, v in cfg["resim"].items() if k not in skip}],
+                      sort_keys=True)
+
+
 def traces(cfg, model, tok, device, rank, world, run):
     """ReSim records of this run: collected over ranks (sharded by episode), or reused from traces.jsonl when it
     was made with the same settings (its key file is written last, so a killed write is never reused)."""
     rc = cfg["resim"]
     path, key_path = run.dir / "traces.jsonl", run.dir / "traces.key"
-    key = json.dumps([agent.PROMPT_FORMAT, cfg["env"], cfg["env_kwargs"], cfg["model"], cfg["history_k"],
-                      cfg["system"], cfg["seed"],
-                      {k: v for k, v in rc.items() if k not in ("action_only", "reuse_traces")}], sort_keys=True)
+    key = search_key(cfg)
     if rc["reuse_traces"] and key_path.exists() and key_path.read_text() == key and path.exists():
         records = resim.read_jsonl(path)
         if rank == 0:
@@ -327,23 +335,55 @@ def traces(cfg, model, tok, device, rank, world, run):
         return records
     act, value, aggregate = search_parts(cfg, model, tok, device)
     seeds = common.deal(envs.split_seeds("train", rc["episodes"], rc["first"]), rank, world)
+    done, on_episode = searched(cfg, run.dir, rank)
     records, stats = resim.collect(cfg["env"], cfg["env_kwargs"], seeds, act=act, value=value, aggregate=aggregate,
                                    tokenizer=tok, b=rc["b"], d=rc["d"], b_train=rc["b_train"],
                                    plan_order=rc["plan_order"], refine_frac=rc["refine_frac"],
                                    refine_keep=rc["refine_keep"], detour=rc["detour"], hide_best=rc["hide_best"],
                                    value_scale=rc["value_scale"], gamma=rc["gamma"], distinct=rc["distinct"],
                                    history_k=cfg["history_k"], system=cfg["system"], seed=cfg["seed"],
-                                   progress=rank == 0)
+                                   progress=rank == 0, done=done, on_episode=on_episode)
     records = sorted(gather(records, world), key=lambda r: (r.seed, r.step))   # stable: a step's refine after it
     stats = collect_stats(stats, world)
     run.log(dict(stage="resim_collect", step=0, **stats))
     if rank == 0:
         print(f"ReSim: {stats['solved']:.0f}/{stats['episodes']:.0f} episodes solved, {stats['steps']:.0f} steps "
-              f"kept (+{stats['refine_examples']:.0f} refinement examples), {stats['seconds']:.0f} s")
+              f"kept (+{stats['refine_examples']:.0f} refinement examples), {stats['seconds']:.0f} s"
+              + (f"; {stats['resumed']:.0f} episodes searched before, reused" if stats["resumed"] else ""))
         key_path.unlink(missing_ok=True)
         resim.write_jsonl(path, records)
         key_path.write_text(key)
     return records
+
+
+def searched(cfg, run_dir, rank):
+    """Episodes are saved as they are searched (traces.parts/<settings>/rank<r>.jsonl, a line each), so a killed
+    search loses at most one episode a rank: the same command again, or one with more episodes, reuses them (the
+    trees of an episode depend on its seed and the settings alone, not on the rank or the episode count).
+    Returns (done: seed -> (records, success), on_episode) for resim.collect."""
+    rc, key = cfg["resim"], search_key(cfg, "episodes", "first")
+    folder = run_dir / "traces.parts" / hashlib.sha1(key.encode()).hexdigest()[:12]
+    folder.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        (folder / "key.json").write_text(key)
+    done = {}
+    for part in sorted(folder.glob("rank*.jsonl")) if rc["reuse_traces"] else []:
+        for line in part.read_text().splitlines():
+            try:
+                ep = json.loads(line)
+                done[ep["seed"]] = ([resim.Record(**r) for r in ep["records"]], ep["success"])
+            except (ValueError, KeyError, TypeError):
+                pass          # the line a kill cut short
+    path = folder / f"rank{rank}.jsonl"
+    cut = path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
+    out = open(path, "a")
+    out.write("\n" if cut else "")     # a kill mid-line: the next episode starts a line of its own
+
+    def on_episode(seed, records, success):
+        out.write(json.dumps(dict(seed=int(seed), success=bool(success),
+                                  records=[dataclasses.asdict(r) for r in records])) + "\n")
+        out.flush()       # a killed process loses nothing the OS has (no fsync: the main job writes 7,000 a run)
+    return done, on_episode
 
 
 def sft_plan(n, batch_size, epochs, lengths, seed):

@@ -337,16 +337,18 @@ def test_distinct_draws_rollouts_until_every_trace_compares_two_plans():
 
 
 def test_an_episode_ends_where_no_rollout_and_no_expert_plan_leads_on():
-    """A state whose leaves and root are all valued 0 (a Sokoban deadlock; an ALFWorld expert past its cap) ends the
-    ReSim episode: it is lost, and its traces are dropped. The search once went on to the step cap, asking the
+    """A state whose leaves are all valued 0 and where the expert has no plan (a Sokoban deadlock; an ALFWorld
+    expert past its cap) ends the ReSim episode: it is lost, and its traces are dropped. (Leaves an LLM judge
+    values 0 with an expert plan at the root search on.) The search once went on to the step cap, asking the
     expert again at every leaf (in a 53-receptacle ALFWorld kitchen, about a minute a call)."""
     _, tok = agent.load_model("tiny", **TINY)
     env, calls = envs.make_env("sokoban", "train"), []
     seed = next(s for s in envs.split_seeds("train", 50) if env.reset(s) and len(env.expert_plan()) >= 4)
-    no_plan = lambda e: calls.append(1) or 0.0
+    env.expert_plan = lambda: calls.append(1) and None           # the expert finds no plan from any state
     recs, ok = resim.resim_episode(env, seed, b=2, d=1, b_train=2, plan_order="shuffled",
-                                   act=search_tree.random_policy, value=no_plan, aggregate=resim.template_aggregate,
-                                   rng=np.random.default_rng(0), tokenizer=tok, history_k=0, system=False)
+                                   act=search_tree.random_policy, value=search_tree.expert_value(0.9),
+                                   aggregate=resim.template_aggregate, rng=np.random.default_rng(0), tokenizer=tok,
+                                   history_k=0, system=False)
     assert not ok and recs == [] and len(calls) <= 3, (len(recs), len(calls))
     recs, stats, _ = _collect(3, b=2, d=1, b_train=2)     # a solvable root searches on as before
     assert stats["solved"] == 3 and len(recs) == stats["steps"] > 3

@@ -379,6 +379,38 @@ def test_cached_traces_are_reused_only_with_the_same_prompt_format(tmp_path, mon
     assert "reusing" not in capsys.readouterr().out
 
 
+def test_a_killed_search_keeps_its_episodes_and_the_same_command_reuses_them(tmp_path, monkeypatch):
+    """An ALFWorld search runs for an hour; killed, it once lost every episode. Now each searched episode is saved
+    at once: the same command searches only the rest, with the records of a run left alone, and a run with more
+    episodes reuses them too."""
+    import dataclasses
+    import resim
+    cfg = common.load_config(train.DEFAULTS, None, TINY + ["resim.episodes=4"])
+    model, tok = agent.load_model("tiny", **SMALL)
+    run = lambda d: type("Run", (), {"dir": d, "log": lambda self, rec: None})()
+    (tmp_path / "whole").mkdir(), (tmp_path / "r").mkdir()
+    whole = train.traces(cfg, model, tok, "cpu", 0, 1, run(tmp_path / "whole"))
+    real, calls = resim.resim_episode, []
+
+    def killed_at_the_third(env, seed, **kw):
+        calls.append(seed)
+        if len(calls) == 3:
+            raise RuntimeError("killed")
+        return real(env, seed, **kw)
+    monkeypatch.setattr(resim, "resim_episode", killed_at_the_third)
+    with pytest.raises(RuntimeError, match="killed"):
+        train.traces(cfg, model, tok, "cpu", 0, 1, run(tmp_path / "r"))
+    searched, calls[:] = calls[:2], [None] * 3    # no second kill
+    again = train.traces(cfg, model, tok, "cpu", 0, 1, run(tmp_path / "r"))
+    assert calls[3:] == [s for s in envs.split_seeds("train", 4) if s not in searched] and len(calls[3:]) == 2
+    assert whole and [dataclasses.asdict(r) for r in again] == [dataclasses.asdict(r) for r in whole]
+    more = common.load_config(train.DEFAULTS, None, TINY + ["resim.episodes=8"])
+    calls[:] = [None] * 3
+    train.traces(more, model, tok, "cpu", 0, 1, run(tmp_path / "r"))
+    fresh = set(envs.split_seeds("train", 8)) - set(envs.split_seeds("train", 4))
+    assert sorted(calls[3:]) == sorted(fresh) and len(fresh) == 4
+
+
 def test_resim_first_searches_fresh_episodes_past_the_first_run(tmp_path):
     import envs
     model, tok = agent.load_model("tiny", **SMALL)
