@@ -163,9 +163,10 @@ def collect(env_name, env_kwargs, seeds, *, act, value, aggregate, tokenizer, b=
     (records, success) of an episode searched before (a killed run's, train.searched); `on_episode(seed, records,
     success)` is told of each new one."""
     env = envs.make_env(env_name, split, **env_kwargs)
-    done = done or {}
+    done, played = done or {}, []
     records, solved, t0 = [], 0, time.time()
-    for s in tqdm(seeds, desc="ReSim trees", disable=not progress):
+    for s in tqdm(seeds, desc="ReSim trees", disable=not progress):   # a list, or common.claim's handouts
+        played.append(s)
         if s in done:
             recs, ok = done[s]
         else:
@@ -179,9 +180,9 @@ def collect(env_name, env_kwargs, seeds, *, act, value, aggregate, tokenizer, b=
                 on_episode(s, recs, ok)
         solved += ok
         records += recs if ok else []
-    stats = dict(episodes=len(seeds), solved=solved, steps=sum(r.kind == "resim" for r in records),
+    stats = dict(episodes=len(played), solved=solved, steps=sum(r.kind == "resim" for r in records),
                  refine_examples=sum(r.kind == "refine" for r in records), seconds=time.time() - t0,
-                 resumed=sum(s in done for s in seeds))
+                 resumed=sum(s in done for s in played))
     return records, stats
 
 

@@ -334,7 +334,7 @@ def traces(cfg, model, tok, device, rank, world, run):
             print(f"reusing {len(records)} ReSim steps from {path}")
         return records
     act, value, aggregate = search_parts(cfg, model, tok, device)
-    seeds = common.deal(envs.split_seeds("train", rc["episodes"], rc["first"]), rank, world)
+    seeds = common.claim(envs.split_seeds("train", rc["episodes"], rc["first"]), world)
     done, on_episode = searched(cfg, run.dir, rank)
     records, stats = resim.collect(cfg["env"], cfg["env_kwargs"], seeds, act=act, value=value, aggregate=aggregate,
                                    tokenizer=tok, b=rc["b"], d=rc["d"], b_train=rc["b_train"],

@@ -172,14 +172,26 @@ def test_process_group_waits_hours_for_a_slow_rank(monkeypatch):
     assert got.get("timeout", datetime.timedelta(minutes=30)) >= datetime.timedelta(hours=2)
 
 
-def test_search_shards_mix_alfworlds_task_types_over_ranks():
-    """ALFWorld's task type is seed % 6: each rank of a ReSim search gets every type, in about equal numbers,
-    and the ranks together get every seed once (seeds[rank::2] gave rank 1 only the odd types: the slow rank)."""
+def _rank_claims(rank, world, store, out):
+    import time
     import common
-    import envs
-    seeds = envs.split_seeds("train", 200)
-    parts = [common.deal(seeds, r, 2) for r in range(2)]
-    assert sorted(parts[0] + parts[1]) == sorted(seeds) and parts[0] == common.deal(seeds, 0, 2)
-    for part in parts:
-        counts = np.bincount([s % 6 for s in part], minlength=6)
-        assert counts.min() >= 8, counts
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    got = []
+    for s in common.claim(list(range(12)), world):
+        got.append(s)
+        time.sleep(0.4 if rank == 0 else 0.02)       # rank 0's episodes are the long ones
+    again = list(common.claim(list(range(4)), world))   # a second handout starts from the first item again
+    torch.save((got, again), out / f"{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_search_episodes_go_to_whichever_rank_is_free(tmp_path):
+    """train.traces hands ReSim episodes out one at a time (common.claim): every episode is searched once, and a
+    rank stuck on long episodes takes fewer instead of holding up the other (a fixed deal gave each rank half)."""
+    import torch.multiprocessing as mp
+    mp.spawn(_rank_claims, args=(2, tmp_path / "store", tmp_path), nprocs=2)
+    (got0, again0), (got1, again1) = torch.load(tmp_path / "0.pt"), torch.load(tmp_path / "1.pt")
+    assert sorted(got0 + got1) == list(range(12)) and sorted(again0 + again1) == list(range(4))
+    assert len(got0) <= 3 < 9 <= len(got1), (got0, got1)
+    import common
+    assert list(common.claim([3, 1, 2], 1)) == [3, 1, 2]
