@@ -314,6 +314,7 @@ LOOKED = re.compile(r"(?:On the|The) ([a-z]+ \d+)(?:, you see| is open\. In it, 
 USES = re.compile(r"^(?:take|use) ([a-z]+ \d+)")
 HOLDS = {r.lower(): {o.lower() for o in objs} for r, objs in C.VAL_RECEPTACLE_OBJECTS.items()}
 HOLDS_LAMP = {r.lower() for r in LAMP_HOSTS}
+LAMP_KINDS = {t.lower() for t in LAMPS}
 
 
 def may_hold(receptacle, kind):
@@ -321,7 +322,7 @@ def may_hold(receptacle, kind):
     lamps stand on LAMP_HOSTS): where a person who knows kitchens would look, and where the generated games
     place objects."""
     rtype = receptacle.rsplit(" ", 1)[0]
-    return kind in HOLDS.get(rtype, ()) or ("lamp" in kind and rtype in HOLDS_LAMP)
+    return kind in HOLDS.get(rtype, ()) or (kind in LAMP_KINDS and rtype in HOLDS_LAMP)
 
 
 def names(text):
@@ -341,9 +342,9 @@ def explorer_plan(eng, state, receptacles, cap):
     that object is one the observations have shown; then it plans again. Until it has, the expert goes to the
     receptacles it has not looked into and where such an object may be (`may_hold`: a 53-receptacle kitchen
     has 9 places for an apple, and looking into all 53 runs past `cap`), in an order seeded by the episode,
-    opening the closed ones, until an object of the kind it needs shows up (or it has looked everywhere). It depends on the state alone, and the
-    plan from a state along a plan is that plan's rest but for ties among optimal plans (AlfWorld.expert_plan
-    keeps them). The planner alone
+    opening the closed ones, until an object of the kind it needs shows up (or it has looked everywhere). It
+    depends on the state alone, and the plan from a state along a plan is that plan's rest but for ties among
+    optimal plans (AlfWorld.expert_plan keeps them). The planner alone
     goes straight to an object it cannot have seen: its traces never leave a receptacle for holding the wrong
     thing (RESULTS.md, ALFWorld). Returns the commands until the goal holds; None past `cap` commands or if
     the planner finds no plan."""

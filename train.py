@@ -374,10 +374,9 @@ def searched(cfg, run_dir, rank):
                 done[ep["seed"]] = ([resim.Record(**r) for r in ep["records"]], ep["success"])
             except (ValueError, KeyError, TypeError):
                 pass          # the line a kill cut short
-    path = folder / f"rank{rank}.jsonl"
-    cut = path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
-    out = open(path, "a")
-    out.write("\n" if cut else "")     # a kill mid-line: the next episode starts a line of its own
+    out = open(folder / f"rank{rank}.jsonl", "a+")
+    out.seek(max(out.tell() - 1, 0))
+    out.write("\n" if out.read(1) not in ("", "\n") else "")   # a kill mid-line: the next episode starts a new one
 
     def on_episode(seed, records, success):
         out.write(json.dumps(dict(seed=int(seed), success=bool(success),

@@ -189,9 +189,9 @@ def test_search_episodes_go_to_whichever_rank_is_free(tmp_path):
     """train.traces hands ReSim episodes out one at a time (common.claim): every episode is searched once, and a
     rank stuck on long episodes takes fewer instead of holding up the other (a fixed deal gave each rank half)."""
     import torch.multiprocessing as mp
+    import common
     mp.spawn(_rank_claims, args=(2, tmp_path / "store", tmp_path), nprocs=2)
     (got0, again0), (got1, again1) = torch.load(tmp_path / "0.pt"), torch.load(tmp_path / "1.pt")
     assert sorted(got0 + got1) == list(range(12)) and sorted(again0 + again1) == list(range(4))
     assert len(got0) <= 3 < 9 <= len(got1), (got0, got1)
-    import common
     assert list(common.claim([3, 1, 2], 1)) == [3, 1, 2]
