@@ -52,7 +52,7 @@ GEN_VERSION = 2   # bump when generated games change: cached games of another ve
 OOD_SCENES = (10, 219, 308, 424)   # valid_unseen's scenes (ALFRED's unseen rooms), one per room type
 OFFICIAL_DIRS = {"train": "train", "id": "valid_seen", "ood": "valid_unseen"}
 PLAN_MEMO = 4096                  # expert plans remembered per env (cleared when full)
-OPTIONS = ("max_steps", "cache_dir", "data", "expert", "expert_cap", "future_items", "inventory")
+OPTIONS = ("max_steps", "cache_dir", "data", "expert", "expert_cap", "future_items", "inventory", "looked")
 GEN_STATS = Counter()   # generated / rejected games of this process (the retry counter)
 
 # Receptacle types -openable.json leaves out get one each, stoves four burners, placed next to what they stand
@@ -504,6 +504,15 @@ def carrying(pe):
     return f"You are carrying: a {held[0]}." if held else "You are not carrying anything."   # a take needs empty hands
 
 
+def looked_line(looked):
+    """The receptacles whose contents the agent has seen, in name then number order ("drawer 2" before
+    "drawer 10")."""
+    if not looked:
+        return "You have not looked into anything."
+    key = [(r.rsplit(" ", 1)[0], int(r.rsplit(" ", 1)[1])) for r in looked]
+    return "You have looked into: " + ", ".join(f"{n} {i}" for n, i in sorted(key)) + "."
+
+
 def _replay_ops(pe, ops):
     """Re-apply fast-downward operator ids to a freshly reset PddlEnv, deriving the admissible command texts
     (the costly part of an engine step) only once at the end. Operator ids are stable: same SAS, same ids."""
@@ -522,7 +531,7 @@ class AlfWorld:
     name, rules = "alfworld", RULES
 
     def __init__(self, split="train", max_steps=50, cache_dir=None, data="auto", expert="handcoded",
-                 expert_cap=50, future_items=0, inventory=False):
+                 expert_cap=50, future_items=0, inventory=False, looked=False):
         envs.check_split(split)
         for opt, val, ok in (("data", data, ("auto", "generated", "official")),
                              ("expert", expert, ("handcoded", "planner", "explorer"))):
@@ -531,9 +540,11 @@ class AlfWorld:
         self.split, self.max_steps, self.cache_dir = split, int(max_steps), cache_dir
         self.expert, self.expert_cap = expert, expert_cap
         self.future_items = envs.check_future_lines(future_items, "future_items")   # envs.future_text
-        if not isinstance(inventory, bool):
-            raise ValueError(f"alfworld option inventory must be true or false, got {inventory!r}")
+        for opt, val in (("inventory", inventory), ("looked", looked)):
+            if not isinstance(val, bool):
+                raise ValueError(f"alfworld option {opt} must be true or false, got {val!r}")
         self.inventory = inventory  # each observation ends with what the agent holds (carrying)
+        self.looked = looked        # ... and with the receptacles looked into so far (looked_line)
         self.games = official_games(split) if data != "generated" else []
         if data == "official" and not self.games:
             raise ValueError(f"data='official' but no official {OFFICIAL_DIRS[split]} games under "
@@ -561,8 +572,8 @@ class AlfWorld:
         self._load(self.games[self.seed % envs.SPLIT_SIZE % len(self.games)] if self.games else
                    generate_game(self.split, self.seed, self.cache_dir, expert_cap=self.expert_cap))
         st = self._reset_engine()
-        self.obs, self._adm = self._observe(st.feedback), st["admissible_commands"]
         self._seen, self._looked = frozenset(names(st.feedback)), frozenset(looked_into(st.feedback))
+        self.obs, self._adm = self._observe(st.feedback), st["admissible_commands"]
         m = re.search(r"Your task is to: (.*)", st.feedback)
         self.task = m.group(1).strip().rstrip(".") if m else ""
         self.steps, self.done, self.success, self._cmds, self._ops = 0, False, False, (), ()
@@ -583,11 +594,11 @@ class AlfWorld:
         reward = 0.0
         if cmd is not None:
             st, reward, _ = self._eng.step(cmd)
+            self._seen, self._looked = self._seen | names(st.feedback), self._looked | looked_into(st.feedback)
             self.obs, self._adm = self._observe(st.feedback), st["admissible_commands"]
             self.success = bool(st["won"])
             self._cmds += (cmd,)
             self._ops += (self._eng.unwrapped._last_action.id,)
-            self._seen, self._looked = self._seen | names(st.feedback), self._looked | looked_into(st.feedback)
         else:
             self.obs = self._observe("Nothing happens.")
         self.steps += 1
@@ -595,9 +606,15 @@ class AlfWorld:
         return self.obs, float(reward), self.done, {"success": self.success, "action_is_valid": cmd is not None}
 
     def _observe(self, feedback):
-        """The engine's feedback, and with the inventory option what the agent holds on a line of its own (so a
-        prompt whose history no longer shows the `take` still says it; RESULTS.md, The text environments)."""
-        return f"{feedback.rstrip()}\n{carrying(self._eng.unwrapped)}" if self.inventory else feedback
+        """The engine's feedback; with the inventory option what the agent holds on a line of its own (so a
+        prompt whose history no longer shows the `take` still says it; RESULTS.md, The text environments); with
+        the looked option the receptacles looked into so far (a two-step history cannot say where the agent has
+        already searched, and the explorer's next move depends on it)."""
+        if not (self.inventory or self.looked):
+            return feedback
+        extra = [carrying(self._eng.unwrapped)] if self.inventory else []
+        extra += [looked_line(self._looked)] if self.looked else []
+        return "\n".join([feedback.rstrip()] + extra)
 
     def get_state(self):
         return dict(split=self.split, seed=self.seed, gamefile=self.gamefile, task=self.task, cmds=list(self._cmds),
@@ -674,7 +691,8 @@ def make_env(split, **options):
     (handcoded | planner | explorer), expert_cap, future_items (k > 0: a future state in traces, refinement
     prompts and the simulation score lists at most k of what a receptacle holds, envs.cut_lists; 0: the whole
     observation), inventory (true: each observation ends with what the agent holds, as ALFWorld's `inventory`
-    command words it; false, ALFWorld's and the paper's: it does not)."""
+    command words it; false, ALFWorld's and the paper's: it does not), looked (true: each observation ends with
+    the receptacles whose contents the agent has seen, looked_line; false, ALFWorld's: it does not)."""
     envs.check_split(split)
     envs.check_options("alfworld", options, OPTIONS)
     return AlfWorld(split=split, **options)
