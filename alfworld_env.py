@@ -506,7 +506,8 @@ def carrying(pe):
 
 def looked_line(looked):
     """The receptacles whose contents the agent has seen, in name then number order ("drawer 2" before
-    "drawer 10")."""
+    "drawer 10"). Prompts and histories show it, future states do not (AlfWorld.future_skip): in the first run
+    with it, it made traces of 183 tokens on average and 315 at most, past the 192-token generation budget."""
     if not looked:
         return "You have not looked into anything."
     key = [(r.rsplit(" ", 1)[0], int(r.rsplit(" ", 1)[1])) for r in looked]
@@ -529,6 +530,7 @@ class AlfWorld:
     """One ALFWorld episode at a time, speaking envs.Env. `games`: the official game files played (seed k of a
     split plays games[k % len(games)]), or None when generated games are played."""
     name, rules = "alfworld", RULES
+    future_skip = ("You have looked into", "You have not looked into")   # looked_line: not in future states
 
     def __init__(self, split="train", max_steps=50, cache_dir=None, data="auto", expert="handcoded",
                  expert_cap=50, future_items=0, inventory=False, looked=False):

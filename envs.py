@@ -122,7 +122,12 @@ def future_text(env, prev, obs):
     lines of `obs` that `prev` does not have, the first k of them and a count of the rest, or "(no change)".
     A ReSim trace of a 135M model is mostly unchanged screen lines copied from the prompt; the change is what
     tells two plans apart (RESULTS.md, The text environments). An env with `future_items` = k > 0 (ALFWorld)
-    writes each "you see a, b, and c" list of `obs` as its first k items and a count of the rest (cut_lists)."""
+    writes each "you see a, b, and c" list of `obs` as its first k items and a count of the rest (cut_lists).
+    Lines that start with one of the env's `future_skip` prefixes are left out: bookkeeping the env appends to
+    its observations (ALFWorld's looked line), which a plan does not need to imagine."""
+    skip = getattr(env, "future_skip", ())
+    if skip and any(line.startswith(skip) for line in obs.splitlines()):
+        obs = "\n".join(line for line in obs.splitlines() if not line.startswith(skip))
     if getattr(env, "future_items", 0):
         return cut_lists(obs, env.future_items)
     k = getattr(env, "future_lines", 0)

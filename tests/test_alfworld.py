@@ -498,7 +498,8 @@ def test_inventory_line_is_what_alfworlds_own_inventory_command_says(cache):
 def test_looked_line_lists_the_receptacles_whose_contents_were_seen(cache):
     """looked=True: every observation ends with the receptacles whose contents an observation so far listed (a
     two-step history forgets where the agent searched, and the explorer's traces choose by it: the 40-episode run
-    shuttled between two receptacles in 19 of 24 games); the line follows set_state, and changes no plan."""
+    shuttled between two receptacles in 19 of 24 games); the line follows set_state, changes no plan, and is not
+    part of a future state (it made traces longer than the generation budget)."""
     kw = dict(cache_dir=cache, data="generated", expert="explorer")
     e, plain = A.make_env("train", **kw, looked=True), A.make_env("train", **kw)
     opened = biggest = 0
@@ -513,6 +514,7 @@ def test_looked_line_lists_the_receptacles_whose_contents_were_seen(cache):
             assert obs.startswith(raw.rstrip()) and obs.count("\n") == raw.rstrip().count("\n") + 1, (a, obs)
             listed = obs.splitlines()[-1].removeprefix("You have looked into: ").rstrip(".").split(", ")
             assert set(listed) == said or (not said and obs.endswith("You have not looked into anything.")), (a, obs)
+            assert envs.future_text(e, "", obs) == raw.rstrip(), (a, obs)     # traces do not imagine the line
             states.append((e.get_state(), obs))
         assert e.success, plan
         opened, biggest = opened + any(a.startswith("open ") for a in plan), max(biggest, len(said))
