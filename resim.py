@@ -111,7 +111,7 @@ def refinement_example(env, history, obs, tree, *, plan_order, rng, tokenizer, h
 
 def resim_episode(env, seed, *, b, d, b_train, plan_order, act, value, aggregate, rng, tokenizer, history_k,
                   system, refine_frac=0.0, refine_keep=0.5, detour=0.0, hide_best=0.0, value_scale="absolute",
-                  gamma=0.9, distinct=1, env_kwargs=None):
+                  gamma=0.9, distinct=1, env_kwargs=None, deadline=None):
     """Algorithm 3 on one episode. Returns (records, success): one record per real step, plus a refinement
     record for a `refine_frac` share of the steps. With probability `detour` the real env takes the first
     action of another rollout whose leaf is still solvable instead of the chosen one: the trace still teaches
@@ -122,9 +122,10 @@ def resim_episode(env, seed, *, b, d, b_train, plan_order, act, value, aggregate
     own "Best:" line; these traces are where only the simulation gives the action (RESULTS.md, Stage 1).
     value_scale "relative" writes each value against the root's (search_tree.relative_to_root); distinct: draw
     rollouts past b until that many differ (search_tree.expand). The episode ends, lost, at a state where no leaf
-    is valued above 0 and the expert has no plan (a deadlock; an expert past its cap; a device with no oracle)."""
+    is valued above 0 and the expert has no plan (a deadlock; an expert past its cap; a device with no oracle),
+    or unsolved once time.monotonic() passes `deadline` (collect's episode_minutes)."""
     obs, history, records = env.reset(seed), [], []
-    while not env.done:
+    while not env.done and (deadline is None or time.monotonic() < deadline):
         tree = search_tree.expand(env, b=b, d=d, act=act, value=value, rng=rng, distinct=distinct)
         if value_scale == "relative":
             tree = search_tree.relative_to_root(tree, value(env), gamma)
@@ -157,13 +158,16 @@ def resim_episode(env, seed, *, b, d, b_train, plan_order, act, value, aggregate
 def collect(env_name, env_kwargs, seeds, *, act, value, aggregate, tokenizer, b=4, d=1, b_train=2,
             plan_order="shuffled", refine_frac=0.0, refine_keep=0.5, detour=0.0, hide_best=0.0,
             value_scale="absolute", gamma=0.9, distinct=1, history_k=0, system=True, seed=0, progress=True,
-            split="train", done=None, on_episode=None):
+            split="train", done=None, on_episode=None, episode_minutes=0.0):
     """ReSim data for many episodes of a split (train; a held-out one only to probe a model, as
     bench/probe_traces.py does); keeps the successful ones. Returns (records, stats). `done` maps a seed to the
     (records, success) of an episode searched before (a killed run's, train.searched); `on_episode(seed, records,
-    success)` is told of each new one."""
+    success)` is told of each new one. episode_minutes > 0 cuts an episode still unsolved after that long: it
+    counts as lost (stats["cut"]) and is not passed to on_episode, so a rerun tries it again. (ALFWorld's
+    explorer took 33 min for 4 steps of one pick-two kitchen, while 41 other episodes took 44 min: RESULTS.md.)
+    A cut depends on the machine's speed, so 0, no cut, is the default."""
     env = envs.make_env(env_name, split, **env_kwargs)
-    done, played = done or {}, []
+    done, played, cut = done or {}, [], 0
     records, solved, t0 = [], 0, time.time()
     for s in tqdm(seeds, desc="ReSim trees", disable=not progress):   # a list, or common.claim's handouts
         played.append(s)
@@ -171,18 +175,22 @@ def collect(env_name, env_kwargs, seeds, *, act, value, aggregate, tokenizer, b=
             recs, ok = done[s]
         else:
             rng = np.random.default_rng([seed, s])   # per episode: the same trees however seeds are sharded
+            deadline = time.monotonic() + 60 * episode_minutes if episode_minutes else None
             recs, ok = resim_episode(env, s, b=b, d=d, b_train=b_train, plan_order=plan_order, act=act,
                                      value=value, aggregate=aggregate, rng=rng, tokenizer=tokenizer,
                                      history_k=history_k, system=system, refine_frac=refine_frac,
                                      refine_keep=refine_keep, detour=detour, hide_best=hide_best,
-                                     value_scale=value_scale, gamma=gamma, distinct=distinct, env_kwargs=env_kwargs)
-            if on_episode:
+                                     value_scale=value_scale, gamma=gamma, distinct=distinct, env_kwargs=env_kwargs,
+                                     deadline=deadline)
+            was_cut = deadline is not None and not ok and time.monotonic() >= deadline
+            cut += was_cut
+            if on_episode and not was_cut:
                 on_episode(s, recs, ok)
         solved += ok
         records += recs if ok else []
     stats = dict(episodes=len(played), solved=solved, steps=sum(r.kind == "resim" for r in records),
                  refine_examples=sum(r.kind == "refine" for r in records), seconds=time.time() - t0,
-                 resumed=sum(s in done for s in played))
+                 resumed=sum(s in done for s in played), cut=cut)
     return records, stats
 
 

@@ -92,6 +92,8 @@ DEFAULTS = {
         "aggregator_model": "",   # the model for the llm aggregator / rollout / value ("": the one trained)
         "action_only": False,     # the ablation: train on the chosen action alone, no simulation
         "reuse_traces": True,     # reuse the run directory's traces.jsonl when it was made with this config
+        "episode_minutes": 0.0,   # > 0: an episode still unsolved after this long is cut, lost (a slow expert's
+                                  # stall; the cut depends on the machine's speed, so 0, none, is the default)
     },
     "sft": {                      # stage 1: distilling the traces (train.sft_step)
         "epochs": 1,              # passes over the traces (fresh episodes beat repeated epochs)
@@ -342,14 +344,16 @@ def traces(cfg, model, tok, device, rank, world, run):
                                    refine_keep=rc["refine_keep"], detour=rc["detour"], hide_best=rc["hide_best"],
                                    value_scale=rc["value_scale"], gamma=rc["gamma"], distinct=rc["distinct"],
                                    history_k=cfg["history_k"], system=cfg["system"], seed=cfg["seed"],
-                                   progress=rank == 0, done=done, on_episode=on_episode)
+                                   progress=rank == 0, done=done, on_episode=on_episode,
+                                   episode_minutes=rc["episode_minutes"])
     records = sorted(gather(records, world), key=lambda r: (r.seed, r.step))   # stable: a step's refine after it
     stats = collect_stats(stats, world)
     run.log(dict(stage="resim_collect", step=0, **stats))
     if rank == 0:
         print(f"ReSim: {stats['solved']:.0f}/{stats['episodes']:.0f} episodes solved, {stats['steps']:.0f} steps "
               f"kept (+{stats['refine_examples']:.0f} refinement examples), {stats['seconds']:.0f} s"
-              + (f"; {stats['resumed']:.0f} episodes searched before, reused" if stats["resumed"] else ""))
+              + (f"; {stats['resumed']:.0f} episodes searched before, reused" if stats["resumed"] else "")
+              + (f"; {stats['cut']:.0f} cut at resim.episode_minutes" if stats["cut"] else ""))
         key_path.unlink(missing_ok=True)
         resim.write_jsonl(path, records)
         key_path.write_text(key)
@@ -646,6 +650,8 @@ def main(argv=None):
             raise ValueError(f"resim.hide_best is a share in [0, 1], got {cfg['resim']['hide_best']}")
         if not isinstance(cfg["resim"]["distinct"], int) or cfg["resim"]["distinct"] < 1:
             raise ValueError(f"resim.distinct is a count of rollouts >= 1, got {cfg['resim']['distinct']!r}")
+        if cfg["resim"]["episode_minutes"] < 0:
+            raise ValueError(f"resim.episode_minutes is >= 0 (0: no cut), got {cfg['resim']['episode_minutes']}")
         if cfg["resim"]["value_scale"] not in ("absolute", "relative"):
             raise ValueError(f"resim.value_scale must be absolute or relative, got {cfg['resim']['value_scale']!r}")
         if cfg["resim"]["hide_best"] and cfg["resim"]["action_only"]:   # its traces' actions are not the best move

@@ -352,3 +352,13 @@ def test_an_episode_ends_where_no_rollout_and_no_expert_plan_leads_on():
     assert not ok and recs == [] and len(calls) <= 3, (len(recs), len(calls))
     recs, stats, _ = _collect(3, b=2, d=1, b_train=2)     # a solvable root searches on as before
     assert stats["solved"] == 3 and len(recs) == stats["steps"] > 3
+
+
+def test_an_episode_past_episode_minutes_is_cut_lost_and_not_saved():
+    """resim.episode_minutes: an episode still unsolved after that long ends, lost, and on_episode is not told,
+    so a rerun tries it again (one ALFWorld kitchen took 33 min for 4 steps of its search). 0 cuts nothing."""
+    saved = []
+    recs, stats, _ = _collect(3, b=4, d=1, b_train=2, episode_minutes=1e-9, on_episode=lambda s, r, ok: saved.append(s))
+    assert stats["cut"] == 3 and stats["solved"] == 0 and recs == [] and saved == []
+    recs, stats, _ = _collect(3, b=4, d=1, b_train=2, on_episode=lambda s, r, ok: saved.append(s))
+    assert stats["cut"] == 0 and stats["solved"] == 3 and recs and len(saved) == 3

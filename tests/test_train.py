@@ -65,6 +65,7 @@ def test_every_config_key_is_documented_where_it_is_defined():
     (["resim.hide_best=-0.1"], "resim.hide_best is a share"),
     (["resim.hide_best=0.5", "resim.action_only=true"], "resim.hide_best needs the traces"),
     (["resim.value_scale=root"], "resim.value_scale must be absolute or relative"),
+    (["resim.episode_minutes=-1"], "resim.episode_minutes is >= 0"),
     (["resim.distinct=0"], "resim.distinct is a count"),
 ])
 def test_cli_config_error_is_one_clear_message(args, match):
