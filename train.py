@@ -362,10 +362,11 @@ def traces(cfg, model, tok, device, rank, world, run):
 
 def searched(cfg, run_dir, rank):
     """Episodes are saved as they are searched (traces.parts/<settings>/rank<r>.jsonl, a line each), so a killed
-    search loses at most one episode a rank: the same command again, or one with more episodes, reuses them (the
-    trees of an episode depend on its seed and the settings alone, not on the rank or the episode count).
+    search loses at most one episode a rank: the same command again, or one with more episodes or another
+    episode_minutes, reuses them (the trees of an episode depend on its seed and the settings alone, not on the
+    rank or the episode count).
     Returns (done: seed -> (records, success), on_episode) for resim.collect."""
-    rc, key = cfg["resim"], search_key(cfg, "episodes", "first")
+    rc, key = cfg["resim"], search_key(cfg, "episodes", "first", "episode_minutes")   # a cut episode is not saved
     folder = run_dir / "traces.parts" / hashlib.sha1(key.encode()).hexdigest()[:12]
     folder.mkdir(parents=True, exist_ok=True)
     if rank == 0:

@@ -383,7 +383,7 @@ def test_cached_traces_are_reused_only_with_the_same_prompt_format(tmp_path, mon
 def test_a_killed_search_keeps_its_episodes_and_the_same_command_reuses_them(tmp_path, monkeypatch):
     """An ALFWorld search runs for an hour; killed, it once lost every episode. Now each searched episode is saved
     at once: the same command searches only the rest, with the records of a run left alone, and a run with more
-    episodes reuses them too."""
+    episodes (or a cut for stalled ones, resim.episode_minutes) reuses them too."""
     import dataclasses
     import resim
     cfg = common.load_config(train.DEFAULTS, None, TINY + ["resim.episodes=4"])
@@ -405,7 +405,7 @@ def test_a_killed_search_keeps_its_episodes_and_the_same_command_reuses_them(tmp
     again = train.traces(cfg, model, tok, "cpu", 0, 1, run(tmp_path / "r"))
     assert calls[3:] == [s for s in envs.split_seeds("train", 4) if s not in searched] and len(calls[3:]) == 2
     assert whole and [dataclasses.asdict(r) for r in again] == [dataclasses.asdict(r) for r in whole]
-    more = common.load_config(train.DEFAULTS, None, TINY + ["resim.episodes=8"])
+    more = common.load_config(train.DEFAULTS, None, TINY + ["resim.episodes=8", "resim.episode_minutes=30"])
     calls[:] = [None] * 3
     train.traces(more, model, tok, "cpu", 0, 1, run(tmp_path / "r"))
     fresh = set(envs.split_seeds("train", 8)) - set(envs.split_seeds("train", 4))
