@@ -521,6 +521,7 @@ def test_looked_line_lists_the_receptacles_whose_contents_were_seen(cache):
     assert opened and biggest >= 2, (opened, biggest)
     e.set_state(states[1][0])
     assert e.render() == states[1][1] and e.step(plan[1])[0] == states[2][1]
-    assert A.looked_line({"drawer 10", "drawer 2", "cabinet 1"}) == "You have looked into: cabinet 1, drawer 2, drawer 10."
+    assert A.looked_line({"drawer 10", "drawer 2", "cabinet 1"}) == \
+        "You have looked into: cabinet 1, drawer 2, drawer 10."
     with pytest.raises(ValueError, match="looked"):
         A.make_env("train", looked="yes")
