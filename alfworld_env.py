@@ -510,8 +510,8 @@ def looked_line(looked):
     with it, it made traces of 183 tokens on average and 315 at most, past the 192-token generation budget."""
     if not looked:
         return "You have not looked into anything."
-    key = [(r.rsplit(" ", 1)[0], int(r.rsplit(" ", 1)[1])) for r in looked]
-    return "You have looked into: " + ", ".join(f"{n} {i}" for n, i in sorted(key)) + "."
+    order = sorted(looked, key=lambda r: (r.rsplit(" ", 1)[0], int(r.rsplit(" ", 1)[1])))
+    return "You have looked into: " + ", ".join(order) + "."
 
 
 def _replay_ops(pe, ops):
