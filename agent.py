@@ -290,6 +290,7 @@ class Turn:
     done: bool
     success: bool
     refine_prompt_ids: list = None   # SimRollout only: s_ref, the prompt of tau'_refine (the response is a_ref)
+    replaced: str = None    # the admissible option: the generated action that admit replaced
 
 
 @dataclass
@@ -322,13 +323,14 @@ def check_envs(envs, seeds):
 
 
 def run_episodes(model, tokenizer, envs, seeds, *, gen_kwargs, seed=0, history_k=0, system=True,
-                 action_only=False, progress=False):
+                 action_only=False, progress=False, admissible=False):
     """Play envs[i] from reset(seeds[i]) in lockstep: one generate call per turn for all active envs.
     Sampling draws from ONE generator seeded with `seed` that advances across turns, so no two turns share
     noise (a row whose prompt repeats still gets a fresh sample). Greedy decoding (temperature 0) answers a
     prompt it has answered before from memory: the policy is a function of its prompt, and the turns of an
     episode looping to its step cap cost no decoding. An unreadable response still steps the env with the raw
-    text (the env marks it invalid), and the raw text is what the history shows."""
+    text (the env marks it invalid), and the raw text is what the history shows. admissible: a rejected action
+    is replaced by the model's likeliest admissible one (admit)."""
     check_envs(envs, seeds)
     gen = torch.Generator(device=model.device if model is not None else "cpu").manual_seed(seed)
     answered = {} if gen_kwargs.get("temperature", 1.0) == 0 else None   # greedy: prompt ids -> Generation
@@ -341,6 +343,7 @@ def run_episodes(model, tokenizer, envs, seeds, *, gen_kwargs, seed=0, history_k
                                               system=system, action_only=action_only)) for i in active]
         gens = generate_once(model, tokenizer, ids, answered, generator=gen, **gen_kwargs)
         for i, p, g in zip(active, ids, gens):
+            g = admit(model, tokenizer, envs[i], p, g) if admissible else g
             turns[i].append(play_turn(envs[i], p, g, obs[i], hist[i]))
             obs[i] = hist[i][-1][1]
         active = [i for i in active if not turns[i][-1].done]
@@ -373,4 +376,24 @@ def play_turn(env, prompt_ids, gen, obs, history, refine_prompt_ids=None):
     new_obs, _, done, info = env.step(sent)
     history.append((sent, new_obs))
     return Turn(list(prompt_ids), list(gen.token_ids), gen.text, obs, action, bool(info["action_is_valid"]),
-                bool(done), bool(info["success"]), refine_prompt_ids)
+                bool(done), bool(info["success"]), refine_prompt_ids, gen.replaced)
+
+
+def admit(model, tokenizer, env, prompt_ids, gen):
+    """The `admissible` option (ALFWorld): a response whose action the env would reject gets, in its <action>
+    slot, the admissible command the model itself finds most likely there, log p(command + "</action>" | the
+    prompt and the response up to "<action>"). Many ALFWorld agents rank the admissible commands instead of
+    generating one; here the reasoning stays the model's own and only a rejected choice is replaced. A response
+    whose action the env admits, or with no readable action, is returned as it is."""
+    action, cands = parse_response(gen.text).action, env.valid_actions()
+    if action is None or not cands or env.admits(action):
+        return gen
+    head = gen.text[:gen.text.rindex("<action>") + len("<action>")]
+    keep = next((gen.token_ids[:k] for k in range(1, len(gen.token_ids) + 1)
+                 if tokenizer.decode(gen.token_ids[:k]) == head), None)
+    keep = list(keep) if keep is not None else encode(tokenizer, head)   # no token boundary there: re-encode
+    tails = [encode(tokenizer, c + "</action>") for c in cands]
+    scores = engine.continuation_logprobs(model, list(prompt_ids) + keep, tails)
+    best = max(range(len(cands)), key=lambda i: sum(scores[i]))
+    return engine.Generation(keep + tails[best], list(gen.logprobs[:len(keep)]) + scores[best],
+                             f"{head}{cands[best]}</action>", "stop", replaced=action)

@@ -592,7 +592,7 @@ class AlfWorld:
             raise ValueError("AlfWorld.step called before reset")
         if self.done:
             return envs.after_done(self)
-        cmd = admissible_form(" ".join(str(action).lower().split()).rstrip(".").strip(), self._adm)
+        cmd = self._admissible(action)
         reward = 0.0
         if cmd is not None:
             st, reward, _ = self._eng.step(cmd)
@@ -606,6 +606,14 @@ class AlfWorld:
         self.steps += 1
         self.done = self.success or self.steps >= self.max_steps
         return self.obs, float(reward), self.done, {"success": self.success, "action_is_valid": cmd is not None}
+
+    def _admissible(self, action):
+        """The admissible command `action` names (case, spaces, a final "." and put/move forms aside), or None."""
+        return admissible_form(" ".join(str(action).lower().split()).rstrip(".").strip(), self._adm)
+
+    def admits(self, action):
+        """Whether step(action) would be a valid move (agent.admit, the admissible option)."""
+        return self._admissible(action) is not None
 
     def _observe(self, feedback):
         """The engine's feedback; with the inventory option what the agent holds on a line of its own (so a

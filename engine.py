@@ -40,6 +40,7 @@ class Generation:
     logprobs: list      # log-prob of each token under the distribution it was sampled from
     text: str           # the decoded tokens, EOS left out
     finish_reason: str  # "stop" | "eos" | "length"
+    replaced: str = None  # agent.admit only: the generated action it replaced with an admissible one
 
 
 def generate(model, tokenizer, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, stop=("</action>",),
@@ -465,3 +466,31 @@ def _generate_batch(model, tokenizer, ids, max_new, temperature, top_p, stop, ge
     toks, lps = toks.tolist(), lps.tolist()
     return [Generation(toks[r][:n], lps[r][:n], tokenizer.decode(toks[r][:n - (why == "eos")]), why)
             for r, (n, why) in enumerate(zip(length, reason))]
+
+
+@torch.no_grad()
+def continuation_logprobs(model, prefix, continuations, chunk=16):
+    """log p(c | prefix) token by token, a list per continuation c (token id lists): the prefix is run once
+    and its KV cache repeated for `chunk` continuations at a time (agent.admit ranks ALFWorld's admissible
+    commands this way; running every candidate with the whole prompt would cost 40 prompts a turn)."""
+    if not prefix or any(len(c) == 0 for c in continuations):
+        raise ValueError("need a non-empty prefix and non-empty continuations")
+    dev = next(model.parameters()).device
+    past = DynamicCache()
+    if len(prefix) > 1:
+        model(input_ids=torch.tensor([prefix[:-1]], device=dev), cache=past, use_cache=True, logits_to_keep=1)
+    out = []
+    for i in range(0, len(continuations), chunk):
+        part = continuations[i:i + chunk]
+        width = max(map(len, part))
+        # each row: the prefix's last token, then the continuation, right-padded (a causal model's logits at a
+        # real token never see the padding after it)
+        x = torch.tensor([[prefix[-1]] + c + [c[-1]] * (width - len(c)) for c in part], device=dev)
+        cache = DynamicCache()
+        for n, layer in enumerate(past.layers if len(prefix) > 1 else ()):
+            cache.update(layer.keys.expand(len(part), -1, -1, -1).contiguous(),
+                         layer.values.expand(len(part), -1, -1, -1).contiguous(), n)
+        logp = F.log_softmax(model(input_ids=x, cache=cache, use_cache=True).logits[:, :-1].float(), -1)
+        picked = logp.gather(-1, x[:, 1:, None])[..., 0]
+        out += [row[:len(c)] for row, c in zip(picked.tolist(), part)]
+    return out

@@ -86,6 +86,7 @@ def episode_rows(made, episodes, branch=None):
         sims, _ = replay(env, ep, branch=branch)
         rows.append(dict(seed=ep.seed, success=bool(ep.success), steps=ep.steps, ret=ep.ret,
                          invalid=ep.invalid / max(1, ep.steps),
+                         replaced=sum(t.replaced is not None for t in ep.turns) / max(1, ep.steps),   # admissible
                          tokens=float(np.mean([len(t.response_ids) for t in ep.turns])) if ep.turns else 0.0,
                          sim=float(np.mean(sims)) if sims else 0.0, task_type=ep.task_type or None,
                          # a state shown twice: under greedy decoding and a Markov prompt, a loop to the step cap
@@ -101,7 +102,7 @@ def summarize(rows):
     lo, hi = wilson(k, n)
     out = dict(episodes=n, success=k / max(1, n), success_ci95=[lo, hi],
                steps=float(np.mean([r["steps"] for r in rows])) if rows else 0.0)
-    for key in ("ret", "invalid", "tokens", "sim", "revisit"):
+    for key in ("ret", "invalid", "replaced", "tokens", "sim", "revisit"):
         out[key] = float(np.mean([r[key] for r in rows])) if rows else 0.0
     types = sorted({r["task_type"] for r in rows if r["task_type"]})
     if types:
@@ -116,15 +117,16 @@ def summarize(rows):
 
 
 def play(model, tokenizer, env_name, split, seeds, *, env_kwargs=None, history_k=0, system=True,
-         max_new_tokens=512, temperature=0.0, batch=256, progress=True):
-    """Play `seeds` of a split (greedy by default), `batch` episodes in lockstep. Returns (envs, episodes)."""
+         max_new_tokens=512, temperature=0.0, batch=256, progress=True, admissible=False):
+    """Play `seeds` of a split (greedy by default), `batch` episodes in lockstep. Returns (envs, episodes).
+    admissible: a rejected action is replaced by the model's likeliest admissible one (agent.admit)."""
     made, eps = [], []
     for i in range(0, len(seeds), batch):
         chunk = seeds[i:i + batch]
         made += [envs.make_env(env_name, split, **(env_kwargs or {})) for _ in chunk]
         eps += agent.run_episodes(model, tokenizer, made[i:], chunk, history_k=history_k, system=system, seed=i,
                                   gen_kwargs=dict(max_new_tokens=max_new_tokens, temperature=temperature),
-                                  progress=progress)
+                                  progress=progress, admissible=admissible)
     return made, eps
 
 
@@ -166,6 +168,8 @@ def main():
                     "float32 rounds close greedy choices differently (a few points)")
     ap.add_argument("--history-k", type=int, default=None)
     ap.add_argument("--system", type=int, default=None, help="1/0: include the system prompt")
+    ap.add_argument("--admissible", action="store_true", help="ALFWorld: an action the game would reject is "
+                    "replaced by the model's likeliest admissible command (agent.admit); a separate results row")
     ap.add_argument("--out", default=None, help="write the metrics JSON here")
     ap.add_argument("--show", type=int, default=0, help="print the first K episodes, imagined vs real")
     ap.add_argument("--samples", type=int, default=1, help="play every task K times (needs --temperature > 0): "
@@ -185,6 +189,8 @@ def main():
             raise SystemExit("--official is for --env alfworld")
         env_kwargs = dict(env_kwargs, data="official")
         args.episodes = args.episodes or len(envs.make_env(env_name, args.split, **env_kwargs).games)
+    if args.admissible and env_name != "alfworld":
+        raise SystemExit("--admissible is for --env alfworld")
     if args.templates:
         env_kwargs = dict(env_kwargs, templates=args.templates)
     args.episodes = args.episodes or 20
@@ -194,7 +200,7 @@ def main():
     model, tok = agent.load_model(args.model, dtype=args.dtype)
     seeds = [s for s in envs.split_seeds(args.split, args.episodes, start=args.start) for _ in range(args.samples)]
     made, eps = play(model, tok, env_name, args.split, seeds, env_kwargs=env_kwargs, history_k=history_k,
-                     system=system, max_new_tokens=max_new, temperature=args.temperature)
+                     system=system, max_new_tokens=max_new, temperature=args.temperature, admissible=args.admissible)
     # ALFWorld's restore replays the game from reset: score plans in a second env (plan_similarity). Not for a
     # real phone: a second AndroidWorld env would drive the same emulator.
     branch = envs.make_env(env_name, args.split, **env_kwargs) if env_name == "alfworld" else None

@@ -63,12 +63,14 @@ def refinement_prompt(tokenizer, env, history, obs, response, futures, *, histor
     return tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
 
 
-def simrollout(model, tokenizer, envs, seeds, *, gen_kwargs, seed=0, d=5, history_k=0, system=True, plain=0):
+def simrollout(model, tokenizer, envs, seeds, *, gen_kwargs, seed=0, d=5, history_k=0, system=True, plain=0,
+               admissible=False):
     """SimRollout episodes for the envs in lockstep, and plain rollouts for the last `plain` of them riding along:
     per turn one generate call for every active env's prompt (the drafts a and the plain answers), then one for
     the refinement prompts (a_ref). Phase (A) so waits on two calls a turn, not three. One generator seeded with
     `seed` advances over every call: no draft, refinement or plain answer shares noise. Returns agent.Episode
-    objects; a SimRollout's turns carry refine_prompt_ids."""
+    objects; a SimRollout's turns carry refine_prompt_ids. admissible: the answer played (a_ref, or a plain
+    rollout's) goes through agent.admit."""
     agent.check_envs(envs, seeds)
     if not 0 <= plain <= len(envs):
         raise ValueError(f"need 0 <= plain <= {len(envs)} envs, got plain={plain}")
@@ -87,8 +89,9 @@ def simrollout(model, tokenizer, envs, seeds, *, gen_kwargs, seed=0, d=5, histor
         refined = dict(zip(refine, engine.generate(model, tokenizer, list(refine.values()), generator=gen,
                                                    **gen_kwargs))) if refine else {}
         for k, i in enumerate(active):   # a SimRollout follows a_ref; a plain rollout its own answer
-            turns[i].append(agent.play_turn(envs[i], prompts[k], refined.get(k, first[k]), obs[i], hist[i],
-                                            refine_prompt_ids=refine.get(k)))
+            g, p = refined.get(k, first[k]), refine.get(k, prompts[k])
+            g = agent.admit(model, tokenizer, envs[i], p, g) if admissible else g
+            turns[i].append(agent.play_turn(envs[i], prompts[k], g, obs[i], hist[i], refine_prompt_ids=refine.get(k)))
             obs[i] = hist[i][-1][1]
         active = [i for i in active if not turns[i][-1].done]
     return [agent.Episode(env.name, int(s), ts, ts[-1].success, env.max_steps, env.task_type)

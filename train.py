@@ -68,6 +68,9 @@ DEFAULTS = {
     "history_k": 0,               # (action, observation) pairs shown in the prompt; Sokoban is Markov
     "system": False,              # system prompt with the rules and the format (a from-scratch model can't read it)
     "max_new_tokens": 320,        # generation budget per response (also Dr. GRPO's constant length)
+    "admissible": False,          # ALFWorld, RL rollouts and evaluation: an action the game would reject is
+                                  # replaced by the model's likeliest admissible command (agent.admit; a separate
+                                  # results row: it changes what an invalid action is)
     "resim": {                    # stage 1: the search trees and the traces written from them
         "episodes": 11500,        # train episodes searched; only the solved ones become traces (the main job:
                                   # what the lean compiled SFT fits in about 15 minutes of this project's CPU)
@@ -465,7 +468,7 @@ def policy_phase(stage, policy, tok, tasks, cfg, seed_of, returns):
     seeds = [s for s in tasks for _ in range(rc["group"])]
     eps = agent.run_episodes(policy, tok, [envs.make_env(cfg["env"], "train", **cfg["env_kwargs"]) for _ in seeds],
                              seeds, gen_kwargs=gen_kwargs(cfg), seed=seed_of("plain"), history_k=cfg["history_k"],
-                             system=cfg["system"])
+                             system=cfg["system"], admissible=cfg["admissible"])
     adv_fn = grpo.rloo_advantages if stage == "rloo" else grpo.group_advantages
     adv = adv_fn(torch.tensor([returns(ep) for ep in eps]), [ep.seed for ep in eps])
     return eps, [grpo.episode_samples(eps, adv.tolist(), rc["turn_weight"], mean_turns=mean_turns(eps))], {}
@@ -476,7 +479,8 @@ def simulation_phase(policy, tok, tasks, cfg, seed_of, returns):
     Algorithm 1 lists them: tau U tau' with the group advantage, then tau'_refine with A_refine."""
     rc, make = cfg["rl"], lambda: envs.make_env(cfg["env"], "train", **cfg["env_kwargs"])
     seeds = [s for s in tasks for _ in range(rc["group"] // 2)]
-    kw = dict(gen_kwargs=gen_kwargs(cfg), history_k=cfg["history_k"], system=cfg["system"])
+    kw = dict(gen_kwargs=gen_kwargs(cfg), history_k=cfg["history_k"], system=cfg["system"],
+              admissible=cfg["admissible"])
     eps = simrollout.simrollout(policy, tok, [make() for _ in seeds * 2], seeds * 2, plain=len(seeds),
                                 seed=seed_of("sim"), d=rc["sim_depth"], **kw)
     sim, plain = eps[:len(seeds)], eps[len(seeds):]
@@ -610,7 +614,7 @@ def evaluate_splits(model, tok, cfg, rank, world, run, tag):
         made, eps = evaluate.play(policy, tok, cfg["env"], split, seeds, env_kwargs=cfg["env_kwargs"],
                                   history_k=cfg["history_k"], system=cfg["system"],
                                   max_new_tokens=cfg["max_new_tokens"], temperature=cfg["eval"]["temperature"],
-                                  batch=cfg["eval"]["batch"], progress=rank == 0)
+                                  batch=cfg["eval"]["batch"], progress=rank == 0, admissible=cfg["admissible"])
         results[split] = evaluate.summarize(gather(evaluate.episode_rows(made, eps), world))
     if rank == 0 and results:
         print(f"\n[{tag}] held-out evaluation ({cfg['env']})\n" + evaluate.format_table(results))
@@ -644,6 +648,8 @@ def main(argv=None):
         if cfg["attn"] not in ("eager", "sdpa"):
             raise ValueError(f"attn must be eager or sdpa, got {cfg['attn']!r}")
         envs.check_env_config(cfg["env"], cfg["env_kwargs"])      # an unknown env fails here, before any work
+        if cfg["admissible"] and cfg["env"] != "alfworld":   # only ALFWorld lists every valid command
+            raise ValueError(f"admissible: true is for env alfworld (its admissible commands), not {cfg['env']!r}")
         check_rl_config(cfg["rl"])
         if not 0 <= cfg["resim"]["refine_keep"] <= 1:
             raise ValueError(f"resim.refine_keep is a share in [0, 1], got {cfg['resim']['refine_keep']}")

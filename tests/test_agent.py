@@ -302,3 +302,52 @@ def test_a_prompt_with_nothing_but_the_observation_is_the_observation(tiny):
     obs = env.reset(1_000_000)
     assert agent.build_messages(env, [], obs, system=False) == [{"role": "user", "content": obs}]
     assert "Current observation:" in agent.build_prompt(tok, env, [("Up", obs)], obs, history_k=1, system=False)
+
+
+class ClosedCounterEnv(CounterEnv):
+    """CounterEnv with a closed command list, as ALFWorld lists its admissible commands (valid_actions, admits)."""
+    def __init__(self, order=("Inc", "Dec"), **kw):
+        super().__init__(**kw)
+        self.order = list(order)
+
+    def valid_actions(self):
+        return list(self.order)
+
+    def admits(self, action):
+        return action in ("Inc", "Dec")   # step's own rule
+
+
+def test_admit_puts_the_likeliest_admissible_command_in_the_action_slot(tiny):
+    model, tok = tiny
+    env = ClosedCounterEnv()
+    env.reset(0)
+    prompt = agent.encode(tok, agent.build_prompt(tok, env, [], env.render()))
+    text = format_response([Plan(["Jump"], ["at 9"], 0.5)], 0, "Jump")
+    ids = agent.encode(tok, text)
+    gen = engine.Generation(ids, [-0.5] * len(ids), text, "stop")
+    head = text[:text.rindex("<action>") + len("<action>")]
+    keep = agent.encode(tok, head)
+
+    def score(c):   # a full forward of prompt + the model's reasoning + the command
+        tail = agent.encode(tok, c + "</action>")
+        lp = torch.log_softmax(model(torch.tensor([prompt + keep + tail])).logits[0, :-1].float(), -1)
+        return sum(lp[len(prompt + keep) - 1 + j, t].item() for j, t in enumerate(tail))
+    best = max(["Inc", "Dec"], key=score)
+    for order in (("Inc", "Dec"), ("Dec", "Inc")):   # the model's choice, not the list's first
+        got = agent.admit(model, tok, ClosedCounterEnv(order), prompt, gen)
+        assert parse_response(got.text).action == best and got.replaced == "Jump" and got.text.startswith(head)
+        assert got.token_ids == keep + agent.encode(tok, best + "</action>") and tok.decode(got.token_ids) == got.text
+    ok = engine.Generation(*[agent.encode(tok, "<action>Dec</action>")] * 2, "<action>Dec</action>", "stop")
+    assert agent.admit(model, tok, env, prompt, ok) is ok          # an admitted action stays
+    bare = engine.Generation(ids[:5], ids[:5], text[:5], "length")
+    assert agent.admit(model, tok, env, prompt, bare) is bare       # no action to replace: stays invalid
+
+
+def test_run_episodes_with_admissible_never_plays_a_rejected_action(tiny, monkeypatch):
+    model, tok = tiny
+    _scripted(monkeypatch, tok, lambda p: format_response([Plan(["Jump"], ["at 9"], 0.5)], 0, "Jump"))
+    for admissible in (False, True):
+        ep, = agent.run_episodes(model, tok, [ClosedCounterEnv(max_steps=3)], [0], gen_kwargs={}, admissible=admissible)
+        assert [t.valid for t in ep.turns] == [admissible] * 3
+        assert [t.replaced for t in ep.turns] == (["Jump"] * 3 if admissible else [None] * 3)
+        assert all(t.action in ("Inc", "Dec") for t in ep.turns) == admissible

@@ -525,3 +525,14 @@ def test_looked_line_lists_the_receptacles_whose_contents_were_seen(cache):
         "You have looked into: cabinet 1, drawer 2, drawer 10."
     with pytest.raises(ValueError, match="looked"):
         A.make_env("train", looked="yes")
+
+
+def test_admits_is_what_step_calls_valid(env):
+    """agent.admit trusts admits(action) to say what step would do, for every spelling step accepts."""
+    env.reset(TRAIN[0])
+    plan = env.expert_plan()
+    for a in ["fly to the moon", "", "go to nowhere 99", plan[0], plan[0].upper() + ".", "  " + plan[0]]:
+        want = env.admits(a)
+        env.reset(TRAIN[0])
+        assert env.step(a)[3]["action_is_valid"] == want
+    assert env.admits(plan[0]) and not env.admits("go to nowhere 99")

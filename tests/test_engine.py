@@ -288,3 +288,19 @@ def test_sampling_draws_from_the_softmax_distribution():
         kept = (logits[0] / temperature).softmax(-1).sort(descending=True)
         cut = int(((kept.values.cumsum(0) - kept.values) < top_p).sum())
         assert set(probs) <= set(kept.indices[:cut].tolist()) and 4 not in probs
+
+
+@pytest.mark.parametrize("prefix_len", [1, 9])   # 1: no cache to repeat
+def test_continuation_logprobs_match_a_full_forward(tiny, prefix_len):
+    """agent.admit's scores: the prefix's cache repeated over right-padded continuations of several lengths, in
+    chunks, gives each token the log-prob a full forward of prefix + continuation gives it."""
+    model, tok = tiny
+    prefix = tok("Current observation: at 1 <action>", add_special_tokens=False)["input_ids"][-prefix_len:]
+    conts = [tok(c, add_special_tokens=False)["input_ids"] for c in ["Inc</action>", "Dec</action>", "go to a 1", "x"]]
+    got = engine.continuation_logprobs(model, prefix, conts, chunk=3)
+    for c, lp in zip(conts, got):
+        full = torch.log_softmax(model(torch.tensor([prefix + c])).logits[0, :-1].float(), -1)
+        want = [full[len(prefix) - 1 + j, t].item() for j, t in enumerate(c)]
+        assert lp == pytest.approx(want, abs=1e-4)
+    with pytest.raises(ValueError):
+        engine.continuation_logprobs(model, prefix, [[]])

@@ -175,7 +175,7 @@ def test_sft_learns_the_response_and_ignores_the_prompt():
 
 
 def test_summary_reports_success_by_optimal_length():
-    rows = [dict(success=s, steps=1, ret=0.0, invalid=0.0, tokens=1.0, sim=0.0, revisit=False, task_type=None,
+    rows = [dict(success=s, steps=1, ret=0.0, invalid=0.0, replaced=0.0, tokens=1.0, sim=0.0, revisit=False, task_type=None,
                  optimal=o)
             for s, o in [(True, 1), (False, 1), (True, 3), (False, 7), (False, 9)]]
     m = evaluate.summarize(rows)

@@ -136,3 +136,23 @@ def test_a_refine_fires_only_for_refinements_that_beat_both_means():
     _, refine, stats = simrollout.simulation_samples(plain, sim, returns)
     assert [s.advantage for s in refine] == [1.0] * 3 + [0.0] * 6     # 9.8 > max(mean plain, mean sim 9.65)
     assert stats["a_refine_mean"] == 0.5
+
+
+def test_admissible_admits_the_answer_played_under_the_prompt_that_drew_it(tok, monkeypatch):
+    """admissible: a SimRollout's a_ref is admitted under its refinement prompt, a plain answer under its own."""
+    jump = format_response([Plan(["Jump"], ["#######\n#P_X_O#\n#######"], 0.9)], 0, "Jump")
+    _script(monkeypatch, tok, jump, jump)
+    seen = []
+
+    def fake_admit(model, tokenizer, env, prompt_ids, gen):
+        seen.append(("Real states after your plan" in tokenizer.decode(prompt_ids), parse(gen.text)))
+        ids = tokenizer("<action>Right</action>", add_special_tokens=False)["input_ids"]
+        return engine.Generation(ids, [0.0] * len(ids), "<action>Right</action>", "stop", replaced="Jump")
+    parse = lambda text: agent.parse_response(text).action   # noqa: E731
+    monkeypatch.setattr(agent, "admit", fake_admit)
+    sim, plain = simrollout.simrollout(_Model(), tok, [corridor(), corridor()], [0, 0], gen_kwargs={}, d=5,
+                                       system=False, plain=1, admissible=True)
+    assert sim.success and plain.success and sim.steps == plain.steps == 3
+    assert seen == [(True, "Jump"), (False, "Jump")] * 3
+    assert all(t.valid and t.replaced == "Jump" and t.action == "Right" for t in sim.turns + plain.turns)
+    assert all(t.refine_prompt_ids for t in sim.turns) and not any(t.refine_prompt_ids for t in plain.turns)

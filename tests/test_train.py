@@ -67,6 +67,7 @@ def test_every_config_key_is_documented_where_it_is_defined():
     (["resim.value_scale=root"], "resim.value_scale must be absolute or relative"),
     (["resim.episode_minutes=-1"], "resim.episode_minutes is >= 0"),
     (["resim.distinct=0"], "resim.distinct is a count"),
+    (["admissible=true"], "admissible: true is for env alfworld"),
 ])
 def test_cli_config_error_is_one_clear_message(args, match):
     with pytest.raises(SystemExit, match=f"config error: .*{match}"):
