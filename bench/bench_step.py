@@ -8,6 +8,7 @@ same random prompts, the same cache length; prints the largest logit difference 
 (caff864: the last revision before keys were cached transposed.)
 
     python bench/bench_step.py --compile --model runs/resim_sokoban/model --batch 32
+    python bench/bench_step.py --model smollm2 --batch 8 --prompt 680 --profile   # where a step's time goes
 
 --compile: this tree's step eager against the same step through torch.compile (engine.COMPILE), instead of a
 revision; the compile is done before the timing and reported apart.
@@ -38,6 +39,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=6)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--compile", action="store_true", help="eager against compiled, both this tree")
+    ap.add_argument("--profile", action="store_true", help="then the operators of this tree's step by CPU time")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -72,6 +74,14 @@ def main():
     print(f"{args.model}, batch {B}, cache {T}, {args.threads} threads; max |logit difference| {diff:.3g}")
     for k, v in times.items():
         print(f"  {k:<10} median {sorted(v)[len(v) // 2]:.2f} ms a step  ({', '.join(f'{x:.2f}' for x in v)})")
+    if args.profile:   # where the step's time goes: mm = projections and vocabulary head, bmm = attention
+        k, d = list(decs.items())[-1]
+        engine.COMPILE = k == "compiled"
+        with torch.profiler.profile() as prof:
+            for i in range(1, args.steps):
+                d.step(toks, pos + i, col[k](i))
+        print(f"{k}, {args.steps - 1} steps:")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
 
 
 if __name__ == "__main__":
