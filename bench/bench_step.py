@@ -39,7 +39,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=6)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--compile", action="store_true", help="eager against compiled, both this tree")
-    ap.add_argument("--profile", action="store_true", help="then the operators of this tree's step by CPU time")
+    ap.add_argument("--profile", action="store_true", help="then the operators of this tree's steps by CPU time (totals)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -63,23 +63,24 @@ def main():
         first[k] = d.step(toks, pos, col[k](0))
     a, b = first.values()
     diff = float((a.float() - b.float()).abs().max())
+
+    def steps(k, d):   # one decoder's steps 1 .. steps-1, under its own COMPILE setting
+        engine.COMPILE = k == "compiled"
+        for i in range(1, args.steps):
+            d.step(toks, pos + i, col[k](i))
     times = {k: [] for k in decs}
     for _ in range(args.repeats):
         for k, d in decs.items():
-            engine.COMPILE = k == "compiled"
             t = time.perf_counter()
-            for i in range(1, args.steps):
-                d.step(toks, pos + i, col[k](i))
+            steps(k, d)
             times[k].append((time.perf_counter() - t) / (args.steps - 1) * 1e3)
     print(f"{args.model}, batch {B}, cache {T}, {args.threads} threads; max |logit difference| {diff:.3g}")
     for k, v in times.items():
         print(f"  {k:<10} median {sorted(v)[len(v) // 2]:.2f} ms a step  ({', '.join(f'{x:.2f}' for x in v)})")
     if args.profile:   # where the step's time goes: mm = projections and vocabulary head, bmm = attention
         k, d = list(decs.items())[-1]
-        engine.COMPILE = k == "compiled"
         with torch.profiler.profile() as prof:
-            for i in range(1, args.steps):
-                d.step(toks, pos + i, col[k](i))
+            steps(k, d)
         print(f"{k}, {args.steps - 1} steps:")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
 
