@@ -337,7 +337,7 @@ def run_episodes(model, tokenizer, envs, seeds, *, gen_kwargs, seed=0, history_k
     obs = [env.reset(s) for env, s in zip(envs, seeds)]
     hist, turns = [[] for _ in envs], [[] for _ in envs]
     active = list(range(len(envs)))
-    bar = tqdm(disable=not progress, desc="turns", unit="turn")
+    bar = tqdm(disable=not progress, desc="turns", unit="turn", leave=None)   # None: cleared under an outer bar
     while active:
         ids = [encode(tokenizer, build_prompt(tokenizer, envs[i], hist[i], obs[i], history_k=history_k,
                                               system=system, action_only=action_only)) for i in active]

@@ -17,6 +17,7 @@ binary A_refine: `simulation_samples`.
 """
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import agent
 import engine
@@ -64,13 +65,13 @@ def refinement_prompt(tokenizer, env, history, obs, response, futures, *, histor
 
 
 def simrollout(model, tokenizer, envs, seeds, *, gen_kwargs, seed=0, d=5, history_k=0, system=True, plain=0,
-               admissible=False):
+               admissible=False, progress=False):
     """SimRollout episodes for the envs in lockstep, and plain rollouts for the last `plain` of them riding along:
     per turn one generate call for every active env's prompt (the drafts a and the plain answers), then one for
     the refinement prompts (a_ref). Phase (A) so waits on two calls a turn, not three. One generator seeded with
     `seed` advances over every call: no draft, refinement or plain answer shares noise. Returns agent.Episode
     objects; a SimRollout's turns carry refine_prompt_ids. admissible: the answer played (a_ref, or a plain
-    rollout's) goes through agent.admit."""
+    rollout's) goes through agent.admit. progress: a bar of turns (an ALFWorld step is minutes of them)."""
     agent.check_envs(envs, seeds)
     if not 0 <= plain <= len(envs):
         raise ValueError(f"need 0 <= plain <= {len(envs)} envs, got plain={plain}")
@@ -79,6 +80,7 @@ def simrollout(model, tokenizer, envs, seeds, *, gen_kwargs, seed=0, d=5, histor
     obs = [env.reset(s) for env, s in zip(envs, seeds)]
     hist, turns = [[] for _ in envs], [[] for _ in envs]
     active = list(range(len(envs)))
+    bar = tqdm(disable=not progress, desc="SimRollout turns", unit="turn", leave=None)
     while active:
         prompts = [agent.encode(tokenizer, agent.build_prompt(tokenizer, envs[i], hist[i], obs[i],
                                                               history_k=history_k, system=system)) for i in active]
@@ -94,6 +96,9 @@ def simrollout(model, tokenizer, envs, seeds, *, gen_kwargs, seed=0, d=5, histor
             turns[i].append(agent.play_turn(envs[i], prompts[k], g, obs[i], hist[i], refine_prompt_ids=refine.get(k)))
             obs[i] = hist[i][-1][1]
         active = [i for i in active if not turns[i][-1].done]
+        bar.update(1)
+        bar.set_postfix(active=len(active))
+    bar.close()
     return [agent.Episode(env.name, int(s), ts, ts[-1].success, env.max_steps, env.task_type)
             for env, s, ts in zip(envs, seeds, turns)]
 

@@ -462,25 +462,25 @@ def sampling_seed(seed, step, rank, role):
     return int(np.random.SeedSequence([seed, step, rank, ROLES.index(role)]).generate_state(1)[0])
 
 
-def policy_phase(stage, policy, tok, tasks, cfg, seed_of, returns):
+def policy_phase(stage, policy, tok, tasks, cfg, seed_of, returns, progress=False):
     """(B) policy improvement: G plain rollouts per task; GRPO (or RLOO) advantages on the return."""
     rc = cfg["rl"]
     seeds = [s for s in tasks for _ in range(rc["group"])]
     eps = agent.run_episodes(policy, tok, [envs.make_env(cfg["env"], "train", **cfg["env_kwargs"]) for _ in seeds],
                              seeds, gen_kwargs=gen_kwargs(cfg), seed=seed_of("plain"), history_k=cfg["history_k"],
-                             system=cfg["system"], admissible=cfg["admissible"])
+                             system=cfg["system"], admissible=cfg["admissible"], progress=progress)
     adv_fn = grpo.rloo_advantages if stage == "rloo" else grpo.group_advantages
     adv = adv_fn(torch.tensor([returns(ep) for ep in eps]), [ep.seed for ep in eps])
     return eps, [grpo.episode_samples(eps, adv.tolist(), rc["turn_weight"], mean_turns=mean_turns(eps))], {}
 
 
-def simulation_phase(policy, tok, tasks, cfg, seed_of, returns):
+def simulation_phase(policy, tok, tasks, cfg, seed_of, returns, progress=False):
     """(A) simulation improvement: per task G/2 SimRollouts and G/2 plain rollouts; two updates, as
     Algorithm 1 lists them: tau U tau' with the group advantage, then tau'_refine with A_refine."""
     rc, make = cfg["rl"], lambda: envs.make_env(cfg["env"], "train", **cfg["env_kwargs"])
     seeds = [s for s in tasks for _ in range(rc["group"] // 2)]
     kw = dict(gen_kwargs=gen_kwargs(cfg), history_k=cfg["history_k"], system=cfg["system"],
-              admissible=cfg["admissible"])
+              admissible=cfg["admissible"], progress=progress)
     eps = simrollout.simrollout(policy, tok, [make() for _ in seeds * 2], seeds * 2, plain=len(seeds),
                                 seed=seed_of("sim"), d=rc["sim_depth"], **kw)
     sim, plain = eps[:len(seeds)], eps[len(seeds):]
@@ -570,9 +570,9 @@ def stage_rl(stage, cfg, rank, world, device, run):
         seed_of = lambda role: sampling_seed(cfg["seed"], step, rank, role)   # noqa: E731
         policy = common.inference_copy(model, cfg["bf16"], into=policy)
         if phase == "sim":
-            eps, batches, extra = simulation_phase(policy, tok, tasks, cfg, seed_of, returns)
+            eps, batches, extra = simulation_phase(policy, tok, tasks, cfg, seed_of, returns, progress=rank == 0)
         else:
-            eps, batches, extra = policy_phase(stage, policy, tok, tasks, cfg, seed_of, returns)
+            eps, batches, extra = policy_phase(stage, policy, tok, tasks, cfg, seed_of, returns, progress=rank == 0)
         t1, upd = time.time(), {}
         model.train()
         for i, samples in enumerate(batches):

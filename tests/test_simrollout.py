@@ -83,6 +83,16 @@ def test_simrollout_refines_with_real_states_and_follows_the_refined_action(tok,
     assert len(calls) == 2 * ep.steps
 
 
+def test_progress_shows_a_bar_of_turns_and_is_off_by_default(tok, monkeypatch, capsys):
+    """An ALFWorld simulation step is minutes of SimRollout turns: train.py shows them on rank 0."""
+    right = format_response([Plan(["Right"], ["y"], 0.8)], 0, "Right")
+    _script(monkeypatch, tok, right, right)
+    simrollout.simrollout(_Model(), tok, [corridor()], [0], gen_kwargs={}, system=False)
+    assert "SimRollout turns" not in capsys.readouterr().err
+    simrollout.simrollout(_Model(), tok, [corridor()], [0], gen_kwargs={}, system=False, progress=True)
+    assert "SimRollout turns" in capsys.readouterr().err
+
+
 def test_plain_rollouts_ride_in_the_drafts_call(tok, monkeypatch):
     """plain=1: the last env plays a plain rollout (its own answer, no refinement) inside the drafts' generate
     call, so a turn costs two sequential calls for both episodes, not three."""
