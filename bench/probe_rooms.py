@@ -4,6 +4,11 @@ that change one of them at a time (and on any other room asked for), so a failur
 count, or their combination. Every room type plays the same seeds (the ID split's, from --start, rooms
 overridden), with the OOD split's step cap (30) unless --max-steps says otherwise.
 
+--deadlocks replays every turn and asks the expert (gamma ** steps-to-go, 0 for an unsolvable room) about it:
+    deadlocked by the move   of the turns in a solvable room, those whose chosen action makes it unsolvable
+    deadlocking plans        plans written in a solvable room whose real end state is unsolvable, and of those
+                             the share whose written value is 0.00 (what a trace writes there: is it learnt?)
+
     python bench/probe_rooms.py runs/resim_sokoban_mix/model [--rooms 7x7x2 8x8x1 8x8x2] [--episodes 100]
 """
 import argparse
@@ -16,6 +21,39 @@ import agent  # noqa: E402
 import common  # noqa: E402
 import envs  # noqa: E402
 import evaluate  # noqa: E402
+import search_tree  # noqa: E402
+
+VALUE = search_tree.expert_value(0.9)   # the traces' value (resim.gamma 0.9)
+
+
+def value_after(env, state, actions):
+    """The expert value after `actions` from `state`; the env is put back in `state`."""
+    env.set_state(state)
+    for a in actions:
+        env.step(a)
+    v = VALUE(env)
+    env.set_state(state)
+    return v
+
+
+def deadlocks(episodes, kw):
+    """(turns whose move deadlocks a solvable room, turns; deadlocking written plans, of them written 0.00)."""
+    env = envs.make_env("sokoban", "id", **kw)
+    moved = turns = plans = zeros = 0
+    for ep in episodes:
+        env.reset(ep.seed)
+        for turn in ep.turns:
+            state, parsed = env.get_state(), agent.parse_response(turn.text)
+            if VALUE(env) > 0:   # a room still solvable: what does this turn's answer do to it?
+                if turn.action is not None:
+                    turns += 1
+                    moved += value_after(env, state, [turn.action]) == 0
+                for plan in parsed.plans:
+                    if plan.actions and plan.value is not None and value_after(env, state, plan.actions) == 0:
+                        plans += 1
+                        zeros += round(plan.value, 2) == 0
+            env.step(turn.action if turn.action is not None else turn.text)
+    return moved, turns, plans, zeros
 
 
 def parse_room(text):
@@ -29,7 +67,7 @@ def parse_room(text):
     return h, w, b
 
 
-def probe(model_dir, rooms, episodes, start, max_steps):
+def probe(model_dir, rooms, episodes, start, max_steps, check_deadlocks=False):
     saved = common.prompt_settings(model_dir)
     if saved.get("env", "sokoban") != "sokoban":
         raise SystemExit(f"{model_dir} is a {saved['env']} model; this probe is for Sokoban")
@@ -47,6 +85,11 @@ def probe(model_dir, rooms, episodes, start, max_steps):
         print(f"{h}x{w}, {b} box{'es' if b > 1 else ''}: success {100 * m['success']:.1f}% [{100 * lo:.0f}, "
               f"{100 * hi:.0f}] ({by_len}); sim {m['sim']:.2f}; revisit {m['revisit']:.2f}; invalid "
               f"{m['invalid']:.3f}; {time.time() - t0:.0f} s", flush=True)
+        if check_deadlocks:
+            moved, turns, plans, zeros = deadlocks(eps, kw)
+            print(f"    deadlocked by the move: {moved} of {turns} turns ({100 * moved / max(1, turns):.1f}%); "
+                  f"deadlocking plans written: {plans}, valued 0.00: {zeros} ({100 * zeros / max(1, plans):.0f}%)",
+                  flush=True)
 
 
 def main():
@@ -56,8 +99,10 @@ def main():
     ap.add_argument("--episodes", type=int, default=100)
     ap.add_argument("--start", type=int, default=5000, help="first ID seed index (evaluation uses 0-199)")
     ap.add_argument("--max-steps", type=int, default=30)
+    ap.add_argument("--deadlocks", action="store_true", help="replay the turns: moves and plans that deadlock")
     args = ap.parse_args()
-    probe(args.model, [parse_room(r) for r in args.rooms], args.episodes, args.start, args.max_steps)
+    probe(args.model, [parse_room(r) for r in args.rooms], args.episodes, args.start, args.max_steps,
+          args.deadlocks)
 
 
 if __name__ == "__main__":
