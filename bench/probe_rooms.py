@@ -22,18 +22,9 @@ import common  # noqa: E402
 import envs  # noqa: E402
 import evaluate  # noqa: E402
 import search_tree  # noqa: E402
+from probe_choice import GAMMA, real_value as value_after  # noqa: E402  (bench/ is this script's path)
 
-VALUE = search_tree.expert_value(0.9)   # the traces' value (resim.gamma 0.9)
-
-
-def value_after(env, state, actions):
-    """The expert value after `actions` from `state`; the env is put back in `state`."""
-    env.set_state(state)
-    for a in actions:
-        env.step(a)
-    v = VALUE(env)
-    env.set_state(state)
-    return v
+VALUE = search_tree.expert_value(GAMMA)   # the traces' value (resim.gamma)
 
 
 def deadlocks(episodes, kw):
